@@ -1,0 +1,103 @@
+"""Validated run configuration, mirrored by the ``reindex_corpus`` DAG's Params form."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from reindex.errors import ConfigError
+
+CORPUS_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+_CORPUS_NAME_RE = re.compile(CORPUS_NAME_PATTERN)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_SCHEMA = "reindex"
+
+# Bounds shared with the Params form (dags/) so both reject the same inputs.
+MAX_TOKENS_RANGE = (16, 8192)
+PARTITION_SIZE_RANGE = (100, 1_000_000)
+ENCODE_BATCH_RANGE = (1, 4096)
+MAX_PARTITIONS = 256
+
+
+class Backend(StrEnum):
+    LOCAL = "local"
+    VERTEX = "vertex"
+
+
+class IndexType(StrEnum):
+    HNSW = "hnsw"
+    IVFFLAT = "ivfflat"
+    NONE = "none"
+
+
+def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is out of range: must be between {lo} and {hi}")
+
+
+def validate_corpus_name(name: str) -> str:
+    if not isinstance(name, str) or not _CORPUS_NAME_RE.match(name):
+        raise ConfigError(
+            f"corpus name {name!r} is invalid: it must match {CORPUS_NAME_PATTERN} "
+            "(lower-case letter first, then lower-case letters, digits or '_', at most 63 characters)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ReindexConfig:
+    """Everything one ``reindex_corpus`` run needs to know. Validated on construction."""
+
+    corpus: str
+    corpus_uri: str
+    backend: Backend = Backend.LOCAL
+    model: str = DEFAULT_MODEL
+    max_tokens: int = 200
+    overlap_tokens: int = 32
+    partition_size: int = 2000
+    encode_batch_size: int = 64
+    index_type: IndexType = IndexType.HNSW
+    force: bool = False
+    max_document_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        validate_corpus_name(self.corpus)
+        if not isinstance(self.corpus_uri, str) or not self.corpus_uri.strip():
+            raise ConfigError("corpus_uri is empty: give a directory, file, file:// or gs:// URI")
+        try:
+            object.__setattr__(self, "backend", Backend(self.backend))
+        except ValueError:
+            raise ConfigError(
+                f"backend {self.backend!r} is not supported: choose one of {[b.value for b in Backend]}"
+            ) from None
+        try:
+            object.__setattr__(self, "index_type", IndexType(self.index_type))
+        except ValueError:
+            raise ConfigError(
+                f"index_type {self.index_type!r} is not supported: choose one of {[i.value for i in IndexType]}"
+            ) from None
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError("model is empty: give a sentence-transformers model name or path")
+        _check_range("max_tokens", self.max_tokens, MAX_TOKENS_RANGE)
+        _check_range("overlap_tokens", self.overlap_tokens, (0, self.max_tokens // 2))
+        _check_range("partition_size", self.partition_size, PARTITION_SIZE_RANGE)
+        _check_range("encode_batch_size", self.encode_batch_size, ENCODE_BATCH_RANGE)
+        _check_range("max_document_bytes", self.max_document_bytes, (1024, 2**31 - 1))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ReindexConfig:
+        """Build from a Params / conf mapping, ignoring keys that are not configuration."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["backend"] = self.backend.value
+        d["index_type"] = self.index_type.value
+        return d

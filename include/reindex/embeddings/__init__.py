@@ -1,0 +1,1 @@
+"""Embedding computation: the local sentence-transformers encoder and vector validation."""

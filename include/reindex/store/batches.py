@@ -1,0 +1,185 @@
+"""Batches: which chunks a run embeds, how they are partitioned, and how the batch ends."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from reindex.config import MAX_PARTITIONS
+from reindex.errors import ErrorCode
+from reindex.retry import RetryPolicy, decide
+from reindex.status import BatchStatus, BatchSummary, compute_batch_status
+from reindex.store import Store
+from reindex.store.vectors import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Partition:
+    batch_id: str
+    index: int
+    lo: int
+    hi: int
+    count: int
+
+    def to_dict(self) -> dict:
+        return {"batch_id": self.batch_id, "index": self.index, "lo": self.lo, "hi": self.hi, "count": self.count}
+
+
+def create_batch(store: Store, batch_id: str, corpus: str, backend: str, model_checksum: str, *,
+                 kind: str = "full", parent_batch_id: str | None = None, dag_run_id: str | None = None) -> None:
+    """Insert the batch, or reset it to RUNNING when a task rerun reuses the same id."""
+    store.execute(sql.SQL("""INSERT INTO {} (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (batch_id) DO UPDATE SET status = 'RUNNING', finished_at = NULL, started_at = now()""").format(
+        store.t("batches")), (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id))
+
+
+def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False) -> dict:
+    """Assign to ``batch_id`` every chunk of ``corpus`` without a current vector in ``emb``.
+
+    A chunk has a current vector when its row in ``emb`` carries the chunk's content hash. Those
+    chunks are (re)marked READY and reused; with ``force`` every chunk is re-embedded.
+    """
+    t = store.t
+    current = sql.SQL("EXISTS (SELECT 1 FROM {emb} e WHERE e.chunk_pk = c.id AND e.content_sha256 = c.content_sha256)").format(
+        emb=t(emb.table_name))
+    claimed = store.execute(sql.SQL("""UPDATE {chunks} c SET batch_id = %s, embedding_status = 'PENDING',
+            retry_count = 0, error_code = NULL, error_message = NULL, updated_at = now()
+        WHERE c.corpus = %s AND (%s OR NOT {current})""").format(chunks=t("chunks"), current=current),
+        (batch_id, corpus, force)).rowcount
+    store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL, error_message = NULL
+        WHERE c.corpus = %s AND c.embedding_status <> 'READY' AND c.batch_id IS DISTINCT FROM %s AND {current}""").format(
+        chunks=t("chunks"), current=current), (corpus, batch_id))
+    (reused,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s AND batch_id IS DISTINCT FROM %s").format(
+        t("chunks")), (corpus, batch_id))
+    store.execute(sql.SQL("UPDATE {} SET total = %s, reused = %s WHERE batch_id = %s").format(t("batches")),
+                  (claimed, reused, batch_id))
+    return {"pending": claimed, "reused": reused}
+
+
+def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: RetryPolicy = RetryPolicy()) -> dict:
+    """Move the retriable FAILED chunks of ``parent_batch_id`` into the retry batch ``batch_id``.
+
+    Only failed chunks whose error code the policy still retries (given their ``retry_count``)
+    are claimed; their ``retry_count`` goes up by one. Returns counts and the longest delay the
+    policy asks for before resubmitting.
+    """
+    t = store.t
+    rows = store.execute(sql.SQL("""SELECT error_code, retry_count, array_agg(id ORDER BY id) FROM {chunks}
+        WHERE batch_id = %s AND embedding_status = 'FAILED' GROUP BY error_code, retry_count""").format(
+        chunks=t("chunks")), (parent_batch_id,)).fetchall()
+    ids: list[int] = []
+    actions: dict[str, int] = {}
+    delay = 0.0
+    terminal = 0
+    for code, retry_count, pks in rows:
+        d = decide(code, retry_count, policy)
+        if not d.retriable:
+            terminal += len(pks)
+            continue
+        ids.extend(pks)
+        actions[d.action.value] = actions.get(d.action.value, 0) + len(pks)
+        delay = max(delay, d.delay_seconds)
+    if ids:
+        store.execute(sql.SQL("""UPDATE {chunks} SET batch_id = %s, embedding_status = 'PENDING',
+            retry_count = retry_count + 1, updated_at = now() WHERE id = ANY(%s)""").format(chunks=t("chunks")),
+            (batch_id, ids))
+    store.execute(sql.SQL("UPDATE {} SET total = %s, details = details || %s WHERE batch_id = %s").format(
+        t("batches")), (len(ids), Jsonb({"retry_actions": actions, "left_failed": terminal}), batch_id))
+    return {"pending": len(ids), "terminal": terminal, "actions": actions, "delay_seconds": delay}
+
+
+def plan_partitions(store: Store, batch_id: str, partition_size: int,
+                    max_partitions: int = MAX_PARTITIONS) -> list[Partition]:
+    """Split the batch's PENDING chunks into contiguous id ranges of ~``partition_size`` rows.
+
+    The size grows when needed so there are never more than ``max_partitions`` ranges.
+    """
+    (pending,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE batch_id = %s AND embedding_status = 'PENDING'").format(
+        store.t("chunks")), (batch_id,))
+    if pending == 0:
+        return []
+    size = max(partition_size, math.ceil(pending / max_partitions))
+    rows = store.execute(sql.SQL("""SELECT p, min(id), max(id), count(*) FROM (
+            SELECT id, (row_number() OVER (ORDER BY id) - 1) / %s AS p FROM {chunks}
+            WHERE batch_id = %s AND embedding_status = 'PENDING') q
+        GROUP BY p ORDER BY p""").format(chunks=store.t("chunks")), (size, batch_id)).fetchall()
+    return [Partition(batch_id, int(p), lo, hi, n) for p, lo, hi, n in rows]
+
+
+def iter_partition_chunks(store: Store, partition: Partition, block_rows: int = 1024
+                          ) -> Iterator[list[tuple[int, str, str]]]:
+    """Blocks of ``(chunk_pk, text, content_sha256)`` of the partition's PENDING chunks.
+
+    Keyset pagination over the id range: a partition never sits in memory whole and no
+    transaction stays open between blocks.
+    """
+    last = partition.lo - 1
+    query = sql.SQL("""SELECT id, text, content_sha256 FROM {chunks}
+        WHERE batch_id = %s AND embedding_status = 'PENDING' AND id > %s AND id <= %s
+        ORDER BY id LIMIT %s""").format(chunks=store.t("chunks"))
+    while True:
+        rows = store.execute(query, (partition.batch_id, last, partition.hi, block_rows)).fetchall()
+        if not rows:
+            return
+        yield rows
+        last = rows[-1][0]
+
+
+def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
+                    policy: RetryPolicy = RetryPolicy()) -> BatchSummary:
+    """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist."""
+    t = store.t
+    store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'FAILED', error_code = %s,
+            error_message = 'not processed: its partition task did not finish', updated_at = now()
+        WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(chunks=t("chunks")),
+        (ErrorCode.NOT_PROCESSED.value, batch_id))
+    corpus, reused, started = store.one(sql.SQL("SELECT corpus, reused, started_at FROM {} WHERE batch_id = %s").format(
+        t("batches")), (batch_id,))
+    rows = store.execute(sql.SQL("""SELECT embedding_status, error_code, retry_count, count(*) FROM {chunks}
+        WHERE batch_id = %s GROUP BY 1, 2, 3""").format(chunks=t("chunks")), (batch_id,)).fetchall()
+    ready = failed = retriable = 0
+    by_reason: dict[str, int] = {}
+    for status, code, retry_count, n in rows:
+        if status == "READY":
+            ready += n
+        elif status == "FAILED":
+            failed += n
+            by_reason[code or "UNKNOWN"] = by_reason.get(code or "UNKNOWN", 0) + n
+            if decide(code, retry_count, policy).retriable:
+                retriable += n
+    total = ready + failed
+    samples = [
+        {"chunk_id": r[0], "error_code": r[1], "error_message": r[2]}
+        for r in store.execute(sql.SQL("""SELECT chunk_id, error_code, error_message FROM {chunks}
+            WHERE batch_id = %s AND embedding_status = 'FAILED' ORDER BY id LIMIT 10""").format(
+            chunks=t("chunks")), (batch_id,))
+    ]
+    status = compute_batch_status(total, ready, failed, job_failed=job_failed)
+    (seconds,) = store.one("SELECT extract(epoch FROM now() - %s)::float8", (started,))
+    store.execute(sql.SQL("""UPDATE {} SET status = %s, total = %s, ready = %s, failed = %s,
+            counts_by_reason = %s, finished_at = now(), details = details || %s WHERE batch_id = %s""").format(
+        t("batches")), (status.value, total, ready, failed, Jsonb(by_reason),
+                        Jsonb({"retriable": retriable, "sample_errors": samples}), batch_id))
+    return BatchSummary(batch_id, corpus, status, total, ready, failed, reused, retriable, by_reason, samples,
+                        round(seconds, 3))
+
+
+def get_batch(store: Store, batch_id: str) -> dict | None:
+    cur = store.execute(sql.SQL("SELECT * FROM {} WHERE batch_id = %s").format(store.t("batches")), (batch_id,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def mark_batch(store: Store, batch_id: str, status: BatchStatus) -> None:
+    store.execute(sql.SQL("UPDATE {} SET status = %s, finished_at = now() WHERE batch_id = %s").format(
+        store.t("batches")), (status.value, batch_id))

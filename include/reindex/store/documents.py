@@ -1,0 +1,135 @@
+"""Writing a corpus scan: documents and chunks are staged with COPY and merged in one transaction.
+
+Merge semantics (idempotent, identity-keyed): documents are upserted by ``(corpus, doc_id)``;
+documents of the corpus that the scan did not see are deleted with their chunks and vectors;
+chunks are upserted by ``(corpus, chunk_id)`` and a chunk whose text changed goes back to
+PENDING; chunks a document no longer has are deleted. Unchanged rows are not rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from psycopg import sql
+
+from reindex.chunking import Chunk
+from reindex.corpus import Document, FailedDocument
+from reindex.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    documents: int
+    failed_documents: int
+    chunks: int
+    changed_chunks: int
+    deleted_documents: int
+    deleted_chunks: int
+
+
+def ensure_corpus(store: Store, corpus: str) -> None:
+    store.execute(
+        sql.SQL("INSERT INTO {} (corpus) VALUES (%s) ON CONFLICT (corpus) DO NOTHING").format(store.t("corpora")),
+        (corpus,),
+    )
+
+
+class CorpusWriter:
+    """Collects one scan of a corpus and merges it. Use inside ``store.conn.transaction()``."""
+
+    def __init__(self, store: Store, corpus: str, batch_id: str, block_rows: int = 2000) -> None:
+        self.store = store
+        self.corpus = corpus
+        self.batch_id = batch_id
+        self.block_rows = block_rows
+        self._docs: list[tuple] = []
+        self._chunks: list[tuple] = []
+        self.counts = {"documents": 0, "failed_documents": 0, "chunks": 0}
+
+    def start(self) -> None:
+        ensure_corpus(self.store, self.corpus)
+        self.store.execute("""CREATE TEMP TABLE stage_docs (
+            doc_id text, source_uri text, content_sha256 text, metadata jsonb, status text,
+            error_code text, error_message text, chunk_count integer) ON COMMIT DROP""")
+        self.store.execute("""CREATE TEMP TABLE stage_chunks (
+            chunk_id text, doc_id text, ordinal integer, text text, content_sha256 text,
+            token_count integer) ON COMMIT DROP""")
+
+    def add_document(self, doc: Document, doc_sha256: str, chunks: list[Chunk]) -> None:
+        self._docs.append((doc.doc_id, doc.source_uri, doc_sha256, orjson.dumps(doc.metadata).decode(),
+                           "OK", None, None, len(chunks)))
+        self._chunks.extend((c.chunk_id, c.doc_id, c.ordinal, c.text, c.content_sha256, c.token_count)
+                            for c in chunks)
+        self.counts["documents"] += 1
+        self.counts["chunks"] += len(chunks)
+        if len(self._chunks) >= self.block_rows or len(self._docs) >= self.block_rows:
+            self.flush()
+
+    def add_failed(self, doc: FailedDocument) -> None:
+        self._docs.append((doc.doc_id, doc.source_uri, None, "{}", "FAILED", str(doc.error_code), doc.reason, 0))
+        self.counts["failed_documents"] += 1
+
+    def flush(self) -> None:
+        cur = self.store.conn.cursor()
+        if self._docs:
+            with cur.copy("COPY stage_docs FROM STDIN") as copy:
+                for row in self._docs:
+                    copy.write_row(row)
+            self._docs.clear()
+        if self._chunks:
+            with cur.copy("COPY stage_chunks FROM STDIN") as copy:
+                for row in self._chunks:
+                    copy.write_row(row)
+            self._chunks.clear()
+
+    def merge(self) -> MergeResult:
+        self.flush()
+        s, t, corpus, batch = self.store, self.store.t, self.corpus, self.batch_id
+        s.execute("CREATE INDEX ON stage_chunks (chunk_id)")
+        s.execute("ANALYZE stage_docs")
+        s.execute("ANALYZE stage_chunks")
+        deleted_docs = s.execute(
+            sql.SQL("""DELETE FROM {documents} d WHERE d.corpus = %s
+                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)""").format(
+                documents=t("documents")), (corpus,)).rowcount
+        s.execute(
+            sql.SQL("""INSERT INTO {documents} AS d (corpus, doc_id, source_uri, content_sha256, metadata,
+                    status, error_code, error_message, chunk_count, last_batch_id)
+                SELECT %s, doc_id, source_uri, content_sha256, metadata, status, error_code, error_message,
+                    chunk_count, %s FROM stage_docs
+                ON CONFLICT (corpus, doc_id) DO UPDATE SET
+                    source_uri = EXCLUDED.source_uri, content_sha256 = EXCLUDED.content_sha256,
+                    metadata = EXCLUDED.metadata, status = EXCLUDED.status,
+                    error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+                    chunk_count = EXCLUDED.chunk_count, last_batch_id = EXCLUDED.last_batch_id,
+                    updated_at = now()""").format(documents=t("documents")), (corpus, batch))
+        deleted_chunks = s.execute(
+            sql.SQL("""DELETE FROM {chunks} c WHERE c.corpus = %s
+                AND NOT EXISTS (SELECT 1 FROM stage_chunks s WHERE s.chunk_id = c.chunk_id)""").format(
+                chunks=t("chunks")), (corpus,)).rowcount
+        changed = s.execute(
+            sql.SQL("""INSERT INTO {chunks} AS c (corpus, chunk_id, doc_id, ordinal, text, content_sha256,
+                    token_count, embedding_status, batch_id)
+                SELECT %s, chunk_id, doc_id, ordinal, text, content_sha256, token_count, 'PENDING', %s
+                FROM stage_chunks
+                ON CONFLICT (corpus, chunk_id) DO UPDATE SET
+                    doc_id = EXCLUDED.doc_id, ordinal = EXCLUDED.ordinal, text = EXCLUDED.text,
+                    content_sha256 = EXCLUDED.content_sha256, token_count = EXCLUDED.token_count,
+                    embedding_status = 'PENDING', retry_count = 0, error_code = NULL,
+                    error_message = NULL, batch_id = EXCLUDED.batch_id, updated_at = now()
+                WHERE c.content_sha256 IS DISTINCT FROM EXCLUDED.content_sha256
+                   OR c.ordinal IS DISTINCT FROM EXCLUDED.ordinal
+                   OR c.doc_id IS DISTINCT FROM EXCLUDED.doc_id""").format(chunks=t("chunks")),
+            (corpus, batch)).rowcount
+        return MergeResult(
+            documents=self.counts["documents"],
+            failed_documents=self.counts["failed_documents"],
+            chunks=self.counts["chunks"],
+            changed_chunks=changed,
+            deleted_documents=deleted_docs,
+            deleted_chunks=deleted_chunks,
+        )

@@ -1,0 +1,150 @@
+"""Schema creation and migration, run by the pipeline itself (``ensure_schema``); idempotent.
+
+Migrations are numbered; each runs once, recorded in ``schema_migrations``, under a
+transaction-scoped advisory lock so concurrent tasks cannot race.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from psycopg import sql
+
+from reindex.store import Store
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 0x5245494E444558  # "REINDEX"
+
+CHUNK_STATUSES = ("PENDING", "READY", "FAILED")
+BATCH_STATUSES = ("RUNNING", "COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED")
+
+
+def _v1(store: Store) -> None:
+    t = store.t
+    statements = [
+        sql.SQL("""CREATE TABLE {models} (
+            model_checksum text PRIMARY KEY,
+            model_id text NOT NULL,
+            revision text NOT NULL,
+            dim integer NOT NULL CHECK (dim > 0),
+            normalized boolean NOT NULL,
+            backend text NOT NULL,
+            details jsonb NOT NULL DEFAULT '{{}}',
+            created_at timestamptz NOT NULL DEFAULT now())""").format(models=t("models")),
+        sql.SQL("""CREATE TABLE {corpora} (
+            corpus text PRIMARY KEY,
+            active_model_checksum text REFERENCES {models},
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now())""").format(
+            corpora=t("corpora"), models=t("models")),
+        sql.SQL("""CREATE TABLE {documents} (
+            corpus text NOT NULL REFERENCES {corpora} ON DELETE CASCADE,
+            doc_id text NOT NULL,
+            source_uri text,
+            content_sha256 text,
+            metadata jsonb NOT NULL DEFAULT '{{}}',
+            status text NOT NULL DEFAULT 'OK' CHECK (status IN ('OK', 'FAILED')),
+            error_code text,
+            error_message text,
+            chunk_count integer NOT NULL DEFAULT 0,
+            last_batch_id text,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (corpus, doc_id))""").format(documents=t("documents"), corpora=t("corpora")),
+        sql.SQL("""CREATE TABLE {chunks} (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            corpus text NOT NULL,
+            chunk_id text NOT NULL,
+            doc_id text NOT NULL,
+            ordinal integer NOT NULL,
+            text text NOT NULL,
+            content_sha256 char(64) NOT NULL,
+            token_count integer NOT NULL,
+            embedding_status text NOT NULL DEFAULT 'PENDING'
+                CHECK (embedding_status IN ('PENDING', 'READY', 'FAILED')),
+            retry_count integer NOT NULL DEFAULT 0,
+            error_code text,
+            error_message text,
+            batch_id text,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (corpus, chunk_id),
+            FOREIGN KEY (corpus, doc_id) REFERENCES {documents} ON DELETE CASCADE)""").format(
+            chunks=t("chunks"), documents=t("documents")),
+        sql.SQL("CREATE INDEX chunks_batch_status_idx ON {} (batch_id, embedding_status, id)").format(
+            t("chunks")),
+        sql.SQL("CREATE INDEX chunks_corpus_doc_idx ON {} (corpus, doc_id)").format(t("chunks")),
+        sql.SQL("CREATE INDEX chunks_corpus_sha_idx ON {} (corpus, content_sha256)").format(t("chunks")),
+        sql.SQL("""CREATE TABLE {batches} (
+            batch_id text PRIMARY KEY,
+            corpus text NOT NULL REFERENCES {corpora} ON DELETE CASCADE,
+            backend text NOT NULL,
+            model_checksum text REFERENCES {models},
+            kind text NOT NULL DEFAULT 'full' CHECK (kind IN ('full', 'retry')),
+            parent_batch_id text REFERENCES {batches},
+            dag_run_id text,
+            status text NOT NULL DEFAULT 'RUNNING'
+                CHECK (status IN ('RUNNING', 'COMPLETED', 'COMPLETED_WITH_ERRORS', 'FAILED')),
+            total integer NOT NULL DEFAULT 0,
+            ready integer NOT NULL DEFAULT 0,
+            failed integer NOT NULL DEFAULT 0,
+            reused integer NOT NULL DEFAULT 0,
+            counts_by_reason jsonb NOT NULL DEFAULT '{{}}',
+            job_names text[] NOT NULL DEFAULT '{{}}',
+            tokens bigint NOT NULL DEFAULT 0,
+            cost_usd numeric(14, 6),
+            details jsonb NOT NULL DEFAULT '{{}}',
+            started_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz)""").format(
+            batches=t("batches"), corpora=t("corpora"), models=t("models")),
+        sql.SQL("CREATE INDEX batches_corpus_idx ON {} (corpus, started_at DESC)").format(t("batches")),
+        sql.SQL("""CREATE TABLE {stores} (
+            corpus text NOT NULL REFERENCES {corpora} ON DELETE CASCADE,
+            model_checksum text NOT NULL REFERENCES {models},
+            table_name text NOT NULL UNIQUE,
+            dim integer NOT NULL,
+            index_type text,
+            index_name text,
+            status text NOT NULL DEFAULT 'BUILDING' CHECK (status IN ('BUILDING', 'ACTIVE', 'RETIRED')),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            activated_at timestamptz,
+            PRIMARY KEY (corpus, model_checksum))""").format(
+            stores=t("embedding_stores"), corpora=t("corpora"), models=t("models")),
+    ]
+    for stmt in statements:
+        store.execute(stmt)
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
+    (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
+]
+
+
+def ensure_schema(store: Store) -> list[int]:
+    """Create the extension, schema and every missing migration. Returns the versions applied now."""
+    conn = store.conn
+    applied_now: list[int] = []
+    with conn.transaction():
+        store.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        store.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        store.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(store.schema)))
+        store.execute(sql.SQL("""CREATE TABLE IF NOT EXISTS {} (
+            version integer PRIMARY KEY, description text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())""").format(store.t("schema_migrations")))
+        done = {r[0] for r in store.execute(sql.SQL("SELECT version FROM {}").format(store.t("schema_migrations")))}
+        for version, description, apply in MIGRATIONS:
+            if version in done:
+                continue
+            log.info("applying schema migration %d: %s", version, description)
+            apply(store)
+            store.execute(
+                sql.SQL("INSERT INTO {} (version, description) VALUES (%s, %s)").format(store.t("schema_migrations")),
+                (version, description),
+            )
+            applied_now.append(version)
+    return applied_now
+
+
+def schema_version(store: Store) -> int:
+    row = store.one(sql.SQL("SELECT max(version) FROM {}").format(store.t("schema_migrations")))
+    return row[0] or 0

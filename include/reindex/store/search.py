@@ -1,0 +1,74 @@
+"""Reading the store: semantic search over a corpus's active vectors and status reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from psycopg import sql
+
+from reindex.store import Store
+from reindex.store.vectors import get_embedding_store
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    score: float
+    text: str
+
+
+def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, ef_search: int = 100) -> list[Hit]:
+    """Top-``k`` chunks of ``corpus`` by cosine similarity to ``query_vector`` (active model's store)."""
+    from pgvector.psycopg import register_vector
+
+    emb = get_embedding_store(store, corpus)
+    vec = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+    if vec.shape[0] != emb.dim:
+        raise ValueError(f"query vector has dimension {vec.shape[0]}; corpus {corpus!r} stores {emb.dim}")
+    register_vector(store.conn)
+    with store.conn.transaction():
+        store.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(ef_search, k))))
+        rows = store.execute(sql.SQL("""SELECT c.chunk_id, c.doc_id, 1 - (e.embedding <=> %s) AS score, c.text
+            FROM {emb} e JOIN {chunks} c ON c.id = e.chunk_pk
+            ORDER BY e.embedding <=> %s LIMIT %s""").format(emb=store.t(emb.table_name), chunks=store.t("chunks")),
+            (vec, vec, k)).fetchall()
+    return [Hit(r[0], r[1], float(r[2]), r[3]) for r in rows]
+
+
+def corpus_status(store: Store, corpus: str) -> dict:
+    """Counts by chunk status and error code, documents, the active model and the last batch."""
+    t = store.t
+    row = store.one(sql.SQL("""SELECT c.active_model_checksum, m.model_id, m.dim, m.normalized, s.table_name, s.index_name
+        FROM {corpora} c LEFT JOIN {models} m ON m.model_checksum = c.active_model_checksum
+        LEFT JOIN {stores} s ON s.corpus = c.corpus AND s.model_checksum = c.active_model_checksum
+        WHERE c.corpus = %s""").format(corpora=t("corpora"), models=t("models"), stores=t("embedding_stores")), (corpus,))
+    if row is None:
+        raise LookupError(f"corpus {corpus!r} is not in the store")
+    chunks = dict(store.execute(sql.SQL("SELECT embedding_status, count(*) FROM {} WHERE corpus = %s GROUP BY 1").format(
+        t("chunks")), (corpus,)).fetchall())
+    errors = dict(store.execute(sql.SQL("""SELECT error_code, count(*) FROM {} WHERE corpus = %s
+        AND embedding_status = 'FAILED' GROUP BY 1 ORDER BY 2 DESC""").format(t("chunks")), (corpus,)).fetchall())
+    docs = dict(store.execute(sql.SQL("SELECT status, count(*) FROM {} WHERE corpus = %s GROUP BY 1").format(
+        t("documents")), (corpus,)).fetchall())
+    cur = store.execute(sql.SQL("""SELECT batch_id, kind, backend, status, total, ready, failed, reused,
+            counts_by_reason, started_at, finished_at FROM {} WHERE corpus = %s
+        ORDER BY started_at DESC LIMIT 1""").format(t("batches")), (corpus,))
+    last = cur.fetchone()
+    last_batch = None
+    if last is not None:
+        last_batch = dict(zip([c.name for c in cur.description], last, strict=True))
+        for key in ("started_at", "finished_at"):
+            last_batch[key] = last_batch[key].isoformat() if last_batch[key] else None
+    return {
+        "corpus": corpus,
+        "documents": {"OK": docs.get("OK", 0), "FAILED": docs.get("FAILED", 0)},
+        "chunks": {s: chunks.get(s, 0) for s in ("READY", "PENDING", "FAILED")},
+        "chunks_total": sum(chunks.values()),
+        "failed_by_reason": errors,
+        "model": {"checksum": row[0], "model_id": row[1], "dim": row[2], "normalized": row[3]},
+        "vector_table": row[4],
+        "index": row[5],
+        "last_batch": last_batch,
+    }
