@@ -44,3 +44,35 @@ def ensure_database(server, database: str) -> str:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
             log.info("created database %s", database)
     return server.get_uri(database=database)
+
+
+def airflow_env(project_root: str | Path, data_dir: str | Path, server) -> dict[str, str]:
+    """Environment that wires Airflow to the embedded server: metadata DB ``airflow``, store ``reindex``.
+
+    Used by ``make demo``, ``make airflow`` and the test suite, so all three see the same setup.
+    """
+    import json
+
+    root, data = Path(project_root).resolve(), Path(data_dir).resolve()
+    ensure_database(server, "airflow")
+    store_uri = ensure_database(server, "reindex")
+    sock = socket_dir(store_uri)
+    conn = {"conn_type": "postgres", "host": sock, "schema": "reindex", "login": "postgres",
+            "extra": {"store_schema": "reindex"}}
+    return {
+        "AIRFLOW_HOME": str(data / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(root / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://postgres@/airflow?host={sock}",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(data / "airflow" / "logs"),
+        "AIRFLOW_CONN_REINDEX_PG": json.dumps(conn),
+        "REINDEX_STORE_URI": store_uri,
+        "REINDEX_CORPUS_ROOT": str(root),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(root / "plugins"),
+    }

@@ -1,0 +1,71 @@
+"""PgVectorHook: a psycopg 3 connection to the pgvector store from an Airflow connection."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+DEFAULT_CONN_ID = "reindex_pg"
+
+
+class PgVectorHook(BaseHook):
+    """Opens psycopg 3 connections to the vector store.
+
+    The Airflow connection is a ``postgres`` one; ``host`` may be a Unix-socket directory (the
+    embedded default). Its extra ``store_schema`` names the schema (default ``reindex``).
+    """
+
+    conn_name_attr = "reindex_conn_id"
+    default_conn_name = DEFAULT_CONN_ID
+    conn_type = "postgres"
+    hook_name = "pgvector store"
+
+    def __init__(self, reindex_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reindex_conn_id = reindex_conn_id
+
+    @cached_property
+    def connection(self):
+        return self.get_connection(self.reindex_conn_id)
+
+    @property
+    def store_schema(self) -> str:
+        from reindex.config import DEFAULT_SCHEMA
+
+        return (self.connection.extra_dejson or {}).get("store_schema", DEFAULT_SCHEMA)
+
+    def conninfo(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        c = self.connection
+        params = {"host": c.host or None, "port": c.port or None, "dbname": c.schema or None,
+                  "user": c.login or None, "password": c.password or None,
+                  "application_name": "airflow-reindex"}
+        extra = c.extra_dejson or {}
+        for key in ("sslmode", "sslrootcert", "connect_timeout"):
+            if key in extra:
+                params[key] = extra[key]
+        return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+    def get_conn(self):
+        import psycopg
+
+        return psycopg.connect(self.conninfo(), autocommit=True)
+
+    def store(self):
+        """A context-managed ``reindex.store.Store`` on a fresh connection."""
+        from contextlib import contextmanager
+
+        from reindex.store import Store
+
+        @contextmanager
+        def _store():
+            conn = self.get_conn()
+            try:
+                yield Store(conn, self.store_schema)
+            finally:
+                conn.close()
+
+        return _store()
