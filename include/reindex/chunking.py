@@ -90,16 +90,21 @@ class TokenChunker:
         n = len(offsets)
         if n == 0:
             return
-        starts_word = [i == 0 or words[i] is None or words[i] != words[i - 1] for i in range(n)]
+        # Cut preferably where whitespace separates two tokens; else between tokenizer words
+        # (punctuation); only a single over-long word is cut inside.
+        starts_word = [i == 0 or offsets[i][0] > offsets[i - 1][1] for i in range(n)]
+        starts_piece = [i == 0 or words[i] is None or words[i] != words[i - 1] for i in range(n)]
         start = 0
         while start < n:
             end = min(start + self.max_tokens, n)
-            if end < n:  # move the cut back to a word boundary, but keep at least half a window
-                b = end
-                while b > start + self.max_tokens // 2 and not starts_word[b]:
-                    b -= 1
-                if starts_word[b] and b > start:
-                    end = b
+            if end < n:  # move the cut back to a boundary, but keep at least half a window
+                for boundary in (starts_word, starts_piece):
+                    b = end
+                    while b > start + self.max_tokens // 2 and not boundary[b]:
+                        b -= 1
+                    if boundary[b] and b > start:
+                        end = b
+                        break
             piece, ntok = self._fit(text, offsets, start, end)
             if piece:
                 yield piece, ntok

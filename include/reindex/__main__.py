@@ -1,0 +1,5 @@
+import sys
+
+from reindex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""The store against a real embedded PostgreSQL 18 + pgvector: schema, merge, COPY load, index, search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from psycopg import sql
+
+from reindex.chunking import Chunk, content_sha256
+from reindex.config import IndexType
+from reindex.corpus import Document
+from reindex.errors import ErrorCode, StoreError
+from reindex.models import ModelSpec
+from reindex.store import batches
+from reindex.store.documents import CorpusWriter
+from reindex.store.schema import MIGRATIONS, ensure_schema, schema_version
+from reindex.store.search import corpus_status, search
+from reindex.store.vectors import build_index, ensure_embedding_store, load_vectors, mark_failed
+
+SPEC = ModelSpec("test/model", "r1", 8, True, "local")
+
+
+def _unit(n, dim=8, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _scan(store, corpus, batch_id, docs: dict[str, list[str]]):
+    """Write one scan: ``docs`` maps doc id → chunk texts."""
+    with store.conn.transaction():
+        w = CorpusWriter(store, corpus, batch_id)
+        w.start()
+        for doc_id, texts in docs.items():
+            chunks = [Chunk(f"{doc_id}#{i}", doc_id, i, t, content_sha256(t), len(t.split())) for i, t in enumerate(texts)]
+            w.add_document(Document(doc_id, " ".join(texts), f"mem://{doc_id}"), content_sha256(" ".join(texts)), chunks)
+        return w.merge()
+
+
+def _chunks(store, corpus):
+    return store.execute(sql.SQL("""SELECT chunk_id, embedding_status, error_code, content_sha256, id
+        FROM {} WHERE corpus = %s ORDER BY chunk_id""").format(store.t("chunks")), (corpus,)).fetchall()
+
+
+@pytest.fixture
+def emb(store):
+    with store.conn.transaction():
+        return ensure_embedding_store(store, "kb", SPEC)
+
+
+def test_schema_is_idempotent(store):
+    assert ensure_schema(store) == []  # the fixture already migrated
+    assert schema_version(store) == MIGRATIONS[-1][0]
+    tables = {r[0] for r in store.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (store.schema,))}
+    assert {"documents", "chunks", "batches", "models", "corpora", "embedding_stores", "schema_migrations"} <= tables
+    (ext,) = store.one("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    assert ext.startswith("0.8")
+
+
+def test_copy_load_is_an_idempotent_upsert(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha", "beta", "gamma"], "d2": ["delta"]})
+    rows = _chunks(store, "kb")
+    pks, shas = [r[4] for r in rows], [r[3] for r in rows]
+    vecs = _unit(4)
+    assert load_vectors(store, emb, pks, shas, vecs) == 4
+    assert load_vectors(store, emb, pks, shas, vecs) == 4  # same batch again
+    stored = store.execute(sql.SQL("SELECT chunk_pk, embedding FROM {} ORDER BY chunk_pk").format(
+        store.t(emb.table_name))).fetchall()
+    assert len(stored) == 4  # no duplicates
+    got = np.array([np.array(str(v).strip("[]").split(","), dtype=np.float32) for _, v in stored])
+    np.testing.assert_allclose(got, vecs, rtol=1e-6)
+    assert {r[1] for r in _chunks(store, "kb")} == {"READY"}
+    # replace semantics: a new vector for the same chunk replaces the old one
+    load_vectors(store, emb, pks[:1], shas[:1], _unit(1, seed=9))
+    (count,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(emb.table_name)))
+    assert count == 4
+
+
+def test_vector_for_a_changed_chunk_is_refused(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha"]})
+    (_, _, _, sha, pk), = _chunks(store, "kb")
+    assert load_vectors(store, emb, [pk], ["0" * 64], _unit(1)) == 0
+    assert _chunks(store, "kb")[0][1] == "PENDING"
+
+
+def test_wrong_dimension_is_a_clear_error(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha"]})
+    (_, _, _, sha, pk), = _chunks(store, "kb")
+    with pytest.raises(StoreError, match=r"do not fit .* \(dimension 8\)"):
+        load_vectors(store, emb, [pk], [sha], _unit(1, dim=4))
+
+
+def test_failures_are_recorded_per_chunk(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha", "beta"]})
+    rows = _chunks(store, "kb")
+    mark_failed(store, [(rows[0][4], ErrorCode.TOO_LONG, "too long: 3000 tokens > 2048")])
+    got = {r[0]: (r[1], r[2]) for r in _chunks(store, "kb")}
+    assert got == {"d1#0": ("FAILED", "TOO_LONG"), "d1#1": ("PENDING", None)}
+
+
+def test_merge_marks_changed_and_removes_deleted(store, emb):
+    first = _scan(store, "kb", "b1", {"d1": ["alpha", "beta"], "d2": ["gamma"], "d3": ["delta"]})
+    assert (first.documents, first.chunks, first.changed_chunks) == (3, 4, 4)
+    rows = _chunks(store, "kb")
+    load_vectors(store, emb, [r[4] for r in rows], [r[3] for r in rows], _unit(4))
+    # d1's second chunk changes, d2 is deleted, d3 unchanged, d4 new
+    second = _scan(store, "kb", "b2", {"d1": ["alpha", "BETA"], "d3": ["delta"], "d4": ["eps"]})
+    assert (second.changed_chunks, second.deleted_documents) == (2, 1)
+    got = {r[0]: r[1] for r in _chunks(store, "kb")}
+    assert got == {"d1#0": "READY", "d1#1": "PENDING", "d3#0": "READY", "d4#0": "PENDING"}
+    (nvec,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(emb.table_name)))
+    assert nvec == 3  # d2's vector went with its chunk (ON DELETE CASCADE)
+    with store.conn.transaction():
+        batches.create_batch(store, "b2", "kb", "local", SPEC.checksum)
+        claim = batches.claim_stale_chunks(store, "kb", "b2", emb)
+    assert claim == {"pending": 2, "reused": 2}  # d1#1 has a stale vector, d4#0 none
+
+
+def test_partitions_cover_the_batch_and_are_capped(store, emb):
+    _scan(store, "kb", "b1", {f"d{i}": [f"text {i}"] for i in range(1000)})
+    with store.conn.transaction():
+        batches.create_batch(store, "b1", "kb", "local", SPEC.checksum)
+        batches.claim_stale_chunks(store, "kb", "b1", emb)
+    parts = batches.plan_partitions(store, "b1", partition_size=100)
+    assert [p.count for p in parts] == [100] * 10
+    assert parts[0].lo < parts[0].hi < parts[1].lo
+    capped = batches.plan_partitions(store, "b1", partition_size=100, max_partitions=4)
+    assert len(capped) == 4 and sum(p.count for p in capped) == 1000
+    seen = [pk for p in parts for block in batches.iter_partition_chunks(store, p, 33) for pk, _, _ in block]
+    assert len(seen) == len(set(seen)) == 1000
+
+
+def test_summary_index_status_and_search(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha", "beta", "gamma"], "d2": ["delta"]})
+    with store.conn.transaction():
+        batches.create_batch(store, "b1", "kb", "local", SPEC.checksum)
+        batches.claim_stale_chunks(store, "kb", "b1", emb)
+    rows = _chunks(store, "kb")
+    vecs = _unit(4)
+    load_vectors(store, emb, [r[4] for r in rows[:2]], [r[3] for r in rows[:2]], vecs[:2])
+    mark_failed(store, [(rows[2][4], ErrorCode.RATE_LIMITED, "429 Too Many Requests")])
+    index = build_index(store, emb, IndexType.HNSW)
+    (indexdef,) = store.one("SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
+                            (store.schema, index))
+    assert "hnsw" in indexdef and "vector_cosine_ops" in indexdef
+    with store.conn.transaction():
+        s = batches.summarize_batch(store, "b1")  # d2#0 was never processed
+    assert (s.status.value, s.total, s.ready, s.failed, s.retriable) == ("COMPLETED_WITH_ERRORS", 4, 2, 2, 2)
+    assert s.counts_by_reason == {"RATE_LIMITED": 1, "NOT_PROCESSED": 1}
+    st = corpus_status(store, "kb")
+    assert st["chunks"] == {"READY": 2, "PENDING": 0, "FAILED": 2}
+    assert st["last_batch"]["status"] == "COMPLETED_WITH_ERRORS"
+    hits = search(store, "kb", vecs[1], k=2)
+    assert hits[0].chunk_id == rows[1][0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ivfflat_index(store, emb):
+    _scan(store, "kb", "b1", {f"d{i}": [f"t{i}"] for i in range(50)})
+    rows = _chunks(store, "kb")
+    load_vectors(store, emb, [r[4] for r in rows], [r[3] for r in rows], _unit(50))
+    index = build_index(store, emb, IndexType.IVFFLAT)
+    (indexdef,) = store.one("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,))
+    assert "ivfflat" in indexdef
