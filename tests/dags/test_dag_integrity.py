@@ -1,0 +1,84 @@
+"""DAG integrity: imports, tags, retries, docs, Params, parse time — without torch at parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+DAG_IDS = {"reindex_corpus", "reindex_retry"}
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) >= DAG_IDS
+
+
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_dag_conventions(dagbag, dag_id):
+    dag = dagbag.get_dag(dag_id)
+    assert "reindex" in dag.tags
+    assert dag.doc_md and len(dag.doc_md) > 200
+    assert dag.default_args["owner"] == "reindex"
+    assert not dag.catchup
+    for t in dag.tasks:
+        if t.task_id not in {"summarize", "fail_batch", "branch", "done", "trigger_retry"}:
+            assert t.retries >= 1, f"{dag_id}.{t.task_id} has no retries"
+
+
+def test_reindex_corpus_shape(dagbag):
+    dag = dagbag.get_dag("reindex_corpus")
+    ids = {t.task_id for t in dag.tasks}
+    assert ids == {"ensure_schema", "chunk_corpus", "plan_partitions", "encode_partition", "build_index",
+                   "summarize", "branch", "done", "trigger_retry", "fail_batch"}
+    assert dag.get_task("branch").downstream_task_ids == {"done", "trigger_retry", "fail_batch"}
+    assert dag.get_task("summarize").trigger_rule == "all_done"
+    assert dag.get_task("trigger_retry").trigger_dag_id == "reindex_retry"
+
+
+def test_parse_is_fast_and_never_imports_torch():
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT / 'plugins')!r})
+t0 = time.monotonic()
+from airflow.dag_processing.dagbag import DagBag
+t1 = time.monotonic()
+bag = DagBag(dag_folder={str(ROOT / 'dags')!r})
+t2 = time.monotonic()
+heavy = sorted(m for m in ("torch", "sentence_transformers", "transformers", "google.cloud.aiplatform") if m in sys.modules)
+print(json.dumps({{"parse": t2 - t1, "errors": len(bag.import_errors), "heavy": heavy}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0
+    assert result["heavy"] == []
+    assert result["parse"] < 2.0, f"parsing the DAG folder took {result['parse']:.2f} s"
+
+
+@pytest.mark.parametrize(
+    "conf,message",
+    [
+        ({"corpus": "Bad Name"}, "param corpus: 'Bad Name' does not match"),
+        ({"backend": "openai"}, "param backend: 'openai' is not one of"),
+        ({"max_tokens": 5}, "param max_tokens: 5 is less than the minimum of 16"),
+        ({"partition_size": 0}, "param partition_size"),
+    ],
+)
+def test_invalid_params_are_rejected_before_the_run(dagbag, conf, message):
+    """A run with invalid conf is refused when it is created: no task (and no batch) ever starts."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.get_dag("reindex_corpus")
+    with pytest.raises(ParamValidationError, match=message):
+        dag.test(run_conf=conf)
+
+
+def test_default_params_are_valid(dagbag):
+    dag = dagbag.get_dag("reindex_corpus")
+    validated = dag.params.validate()
+    assert validated["corpus"] == "sample" and validated["backend"] == "local"
