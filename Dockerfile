@@ -1,0 +1,15 @@
+# Image for docker-compose.yaml: Airflow 3.3.2 with this project's pinned requirements and the
+# `reindex` core package installed (editable, from the mounted include/ at run time too).
+FROM apache/airflow:3.3.2-python3.11
+
+USER root
+COPY --chown=airflow:root requirements.txt constraints.txt pyproject.toml /opt/reindex/
+COPY --chown=airflow:root include /opt/reindex/include
+USER airflow
+WORKDIR /opt/reindex
+# CPU torch wheel from PyTorch's index (the default one pulls the multi-GB CUDA build);
+# CeleryExecutor needs the celery provider and redis client.
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r requirements.txt -c constraints.txt \
+        apache-airflow-providers-celery==3.26.0 redis==8.1.0
+WORKDIR /opt/airflow
