@@ -85,11 +85,9 @@ def chunk_corpus(prepared: dict, params: dict | None = None, dag_run=None) -> di
 
 def _remember_config(store, batch_id: str, cfg) -> None:
     """Keep the run's configuration on the batch, so a retry sub-run encodes the same way."""
-    from psycopg import sql
-    from psycopg.types.json import Jsonb
+    from reindex.store.batches import update_details
 
-    store.execute(sql.SQL("UPDATE {} SET details = details || %s WHERE batch_id = %s").format(
-        store.t("batches")), (Jsonb({"config": cfg.to_dict()}), batch_id))
+    update_details(store, batch_id, {"config": cfg.to_dict()})
 
 
 def plan_partitions(manifest: dict, params: dict | None = None) -> list[dict]:

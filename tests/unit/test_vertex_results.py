@@ -191,7 +191,8 @@ def test_iter_range_lines_reads_only_near_its_range():
     (429, None, "Quota exceeded for requests per minute", ErrorCode.RATE_LIMITED),
     (429, None, "Quota exceeded for aiplatform.googleapis.com/embed requests per day", ErrorCode.QUOTA_EXCEEDED),
     (None, "RESOURCE_EXHAUSTED", "daily limit reached", ErrorCode.QUOTA_EXCEEDED),
-    (None, None, "Quota exceeded", ErrorCode.QUOTA_EXCEEDED),
+    (None, None, "Quota exceeded", ErrorCode.RATE_LIMITED),  # no daily window: back off, do not wait a day
+    (429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota).", ErrorCode.RATE_LIMITED),
     (503, None, "The service is currently unavailable", ErrorCode.UNAVAILABLE),
     (None, "UNAVAILABLE", "", ErrorCode.UNAVAILABLE),
     (14, None, "", ErrorCode.UNAVAILABLE),

@@ -133,6 +133,36 @@ def iter_partition_chunks(store: Store, partition: Partition, block_rows: int = 
         last = rows[-1][0]
 
 
+def iter_pending_texts(store: Store, batch_id: str, block_rows: int = 5000) -> Iterator[list[tuple[str, str]]]:
+    """Blocks of distinct ``(content_sha256, text)`` of the batch's PENDING chunks (keyset by hash).
+
+    A text shared by several chunks appears once: batch requests are keyed by content hash.
+    """
+    last = ""
+    query = sql.SQL("""SELECT DISTINCT ON (content_sha256) content_sha256, text FROM {chunks}
+        WHERE batch_id = %s AND embedding_status = 'PENDING' AND content_sha256 > %s
+        ORDER BY content_sha256 LIMIT %s""").format(chunks=store.t("chunks"))
+    while True:
+        rows = store.execute(query, (batch_id, last, block_rows)).fetchall()
+        if not rows:
+            return
+        yield [(r[0].strip(), r[1]) for r in rows]
+        last = rows[-1][0]
+
+
+def mark_missing(store: Store, batch_id: str) -> int:
+    """Chunks still PENDING after every result line was read: FAILED ``MISSING_FROM_OUTPUT``."""
+    return store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'FAILED', error_code = %s,
+            error_message = 'missing from output: no result line carried this chunk''s content', updated_at = now()
+        WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(chunks=store.t("chunks")),
+        (ErrorCode.MISSING_FROM_OUTPUT.value, batch_id)).rowcount
+
+
+def update_details(store: Store, batch_id: str, details: dict) -> None:
+    store.execute(sql.SQL("UPDATE {} SET details = details || %s WHERE batch_id = %s").format(store.t("batches")),
+                  (Jsonb(details), batch_id))
+
+
 def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                     policy: RetryPolicy = RetryPolicy()) -> BatchSummary:
     """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist."""
@@ -141,8 +171,9 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
             error_message = 'not processed: its partition task did not finish', updated_at = now()
         WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(chunks=t("chunks")),
         (ErrorCode.NOT_PROCESSED.value, batch_id))
-    corpus, reused, started = store.one(sql.SQL("SELECT corpus, reused, started_at FROM {} WHERE batch_id = %s").format(
-        t("batches")), (batch_id,))
+    corpus, reused, started, details = store.one(sql.SQL(
+        "SELECT corpus, reused, started_at, details FROM {} WHERE batch_id = %s").format(t("batches")), (batch_id,))
+    job_failed = job_failed or bool(details.get("job_failed"))
     rows = store.execute(sql.SQL("""SELECT embedding_status, error_code, retry_count, count(*) FROM {chunks}
         WHERE batch_id = %s GROUP BY 1, 2, 3""").format(chunks=t("chunks")), (batch_id,)).fetchall()
     ready = failed = retriable = 0

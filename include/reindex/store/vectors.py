@@ -123,21 +123,26 @@ def copy_binary_payload(chunk_pks: np.ndarray, shas: Sequence[str], vectors: np.
     return _COPY_HEADER + buf.tobytes() + _COPY_TRAILER
 
 
+def _stage_vectors(store: Store, emb: EmbeddingStore, chunk_pks, shas: Sequence[str], vectors: np.ndarray) -> None:
+    """COPY one block into the transaction's ``stage_vectors`` temp table (binary, numpy-built)."""
+    if vectors.ndim != 2 or vectors.shape[1] != emb.dim:
+        raise StoreError(f"vectors of shape {vectors.shape} do not fit {emb.table_name} (dimension {emb.dim})")
+    payload = copy_binary_payload(np.asarray(chunk_pks, dtype=np.int64), shas, vectors.astype(np.float32, copy=False))
+    store.execute(sql.SQL("""CREATE TEMP TABLE IF NOT EXISTS stage_vectors (
+        chunk_pk bigint, content_sha256 char(64), embedding vector({dim})) ON COMMIT DROP""").format(
+        dim=sql.Literal(emb.dim)))
+    with store.conn.cursor().copy("COPY stage_vectors FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(payload)
+
+
 def load_vectors(store: Store, emb: EmbeddingStore, chunk_pks: Sequence[int], shas: Sequence[str],
                  vectors: np.ndarray) -> int:
     """Upsert one block of vectors and mark their chunks READY, in one transaction. Returns rows loaded."""
     if len(chunk_pks) == 0:
         return 0
-    if vectors.ndim != 2 or vectors.shape[1] != emb.dim:
-        raise StoreError(f"vectors of shape {vectors.shape} do not fit {emb.table_name} (dimension {emb.dim})")
-    payload = copy_binary_payload(np.asarray(chunk_pks, dtype=np.int64), shas, vectors.astype(np.float32, copy=False))
     t = store.t
     with store.conn.transaction():
-        store.execute(sql.SQL("""CREATE TEMP TABLE IF NOT EXISTS stage_vectors (
-            chunk_pk bigint, content_sha256 char(64), embedding vector({dim})) ON COMMIT DELETE ROWS""").format(
-            dim=sql.Literal(emb.dim)))
-        with store.conn.cursor().copy("COPY stage_vectors FROM STDIN (FORMAT BINARY)") as copy:
-            copy.write(payload)
+        _stage_vectors(store, emb, chunk_pks, shas, vectors)
         loaded = store.execute(sql.SQL("""INSERT INTO {emb} AS e (chunk_pk, content_sha256, embedding)
             SELECT s.chunk_pk, s.content_sha256, s.embedding FROM stage_vectors s
             JOIN {chunks} c ON c.id = s.chunk_pk AND c.content_sha256 = s.content_sha256
@@ -148,8 +153,52 @@ def load_vectors(store: Store, emb: EmbeddingStore, chunk_pks: Sequence[int], sh
                 error_message = NULL, updated_at = now()
             FROM stage_vectors s WHERE c.id = s.chunk_pk AND c.content_sha256 = s.content_sha256""").format(
             chunks=t("chunks")))
-        store.execute("DROP TABLE stage_vectors")
     return loaded
+
+
+def load_vectors_by_hash(store: Store, emb: EmbeddingStore, batch_id: str, shas: Sequence[str],
+                         vectors: np.ndarray) -> int:
+    """Load vectors keyed by content hash: each goes to every chunk of ``batch_id`` with that hash.
+
+    This is how batch results are joined (by the echoed content / key, never by line order); a
+    text shared by several chunks is embedded once. Returns the number of chunk vectors loaded.
+    """
+    if len(shas) == 0:
+        return 0
+    t = store.t
+    with store.conn.transaction():
+        _stage_vectors(store, emb, np.zeros(len(shas), dtype=np.int64), shas, vectors)
+        store.execute("CREATE INDEX ON stage_vectors (content_sha256)")
+        loaded = store.execute(sql.SQL("""INSERT INTO {emb} AS e (chunk_pk, content_sha256, embedding)
+            SELECT DISTINCT ON (c.id) c.id, c.content_sha256, s.embedding FROM stage_vectors s
+            JOIN {chunks} c ON c.batch_id = %s AND c.content_sha256 = s.content_sha256
+            ORDER BY c.id
+            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
+                embedding = EXCLUDED.embedding, updated_at = now()""").format(
+            emb=t(emb.table_name), chunks=t("chunks")), (batch_id,)).rowcount
+        store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
+                error_message = NULL, updated_at = now()
+            WHERE c.batch_id = %s AND c.content_sha256 IN (SELECT content_sha256 FROM stage_vectors)""").format(
+            chunks=t("chunks")), (batch_id,))
+    return loaded
+
+
+def mark_failed_by_hash(store: Store, batch_id: str, failures: Iterable[tuple[str, ErrorCode | str, str]]) -> int:
+    """Record failures keyed by content hash on the batch's chunks that are not READY (a success elsewhere
+    in the output wins). ``failures``: (content_sha256, code, message)."""
+    rows = [(sha, str(code), msg[:2000]) for sha, code, msg in failures if sha]
+    if not rows:
+        return 0
+    with store.conn.transaction():
+        store.execute("CREATE TEMP TABLE stage_failures (content_sha256 text, code text, message text) ON COMMIT DROP")
+        with store.conn.cursor().copy("COPY stage_failures FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        n = store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'FAILED', error_code = f.code,
+                error_message = f.message, updated_at = now()
+            FROM stage_failures f WHERE c.batch_id = %s AND c.content_sha256 = f.content_sha256
+              AND c.embedding_status <> 'READY'""").format(chunks=store.t("chunks")), (batch_id,)).rowcount
+    return n
 
 
 def mark_failed(store: Store, failures: Iterable[tuple[int, ErrorCode | str, str]]) -> int:

@@ -205,7 +205,9 @@ _STATUS_NAME = re.compile(r"\b(RESOURCE_EXHAUSTED|UNAVAILABLE|INTERNAL|DEADLINE_
 _SERVER_STATUSES = {"UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"}
 _SERVER_HTTP = {500, 502, 503, 504}
 _HTTP_IN_TEXT = re.compile(r"\b(429|500|502|503|504)\b")
-_QUOTA = re.compile(r"quota|per day|daily limit|per-day")
+# Only a daily window is a quota to wait out; Google's generic "Resource has been exhausted (e.g. check
+# quota)" on 429 is a rate limit, retried with backoff.
+_QUOTA = re.compile(r"per day|daily|per-day|\bday\b")
 _SHORT_WINDOW = re.compile(r"per minute|per second|per-minute|per-second")
 _RATE = re.compile(r"rate limit|rate-limit|too many requests|resource exhausted|resource_exhausted")
 _TOO_LONG = re.compile(
