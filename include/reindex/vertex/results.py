@@ -209,7 +209,7 @@ _HTTP_IN_TEXT = re.compile(r"\b(429|500|502|503|504)\b")
 # quota)" on 429 is a rate limit, retried with backoff.
 _QUOTA = re.compile(r"per day|daily|per-day|\bday\b")
 _SHORT_WINDOW = re.compile(r"per minute|per second|per-minute|per-second")
-_RATE = re.compile(r"rate limit|rate-limit|too many requests|resource exhausted|resource_exhausted")
+_RATE = re.compile(r"rate limit|rate-limit|too many requests|resource exhausted|resource_exhausted|quota")
 _TOO_LONG = re.compile(
     r"too long|token limit|exceeds? (?:the )?(?:max\w*|limit)|\bexceed\w*\b[^.]{0,60}\btokens?\b"
     r"|\btokens?\b[^.]{0,60}\bexceed|max(?:imum)? (?:input )?(?:number of )?tokens|longer than"
