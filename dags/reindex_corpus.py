@@ -36,7 +36,7 @@ from reindex.config import (
     IndexType,
 )
 from reindex_airflow import tasks as t
-from reindex_airflow.wiring import encode_and_close
+from reindex_airflow.wiring import embed_and_close
 
 SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "include" / "sample_corpus")
 
@@ -76,8 +76,7 @@ SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "include" / "sample_co
 def reindex_corpus():
     prepared = task(t.ensure_schema)()
     manifest = task(t.chunk_corpus)(prepared)
-    partitions = task(t.plan_partitions)(manifest)
-    encode_and_close(manifest, partitions)
+    embed_and_close(manifest)
 
 
 reindex_corpus()

@@ -17,7 +17,7 @@ from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Param, dag, task
 
 from reindex_airflow import tasks as t
-from reindex_airflow.wiring import encode_and_close
+from reindex_airflow.wiring import embed_and_close
 
 
 @dag(
@@ -33,10 +33,8 @@ def reindex_retry():
     manifest = task(t.claim_retry)()
     wait = DateTimeSensorAsync(task_id="wait_backoff",
                                target_time="{{ ti.xcom_pull(task_ids='claim_retry')['retry_at'] }}")
-    partitions = task(t.plan_retry_partitions)(manifest)
     manifest >> wait
-    wait >> partitions
-    encode_and_close(manifest, partitions)
+    embed_and_close(manifest, after=wait)
 
 
 reindex_retry()

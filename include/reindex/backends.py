@@ -1,7 +1,8 @@
 """Embedding backends, chosen by configuration (``ReindexConfig.backend``), never by scattered ``if``s.
 
 A backend knows its model (spec, tokenizer, token limit) and how a partition of chunks gets its
-vectors. ``local`` encodes in the worker with sentence-transformers.
+vectors. ``local`` encodes in the worker with sentence-transformers; ``vertex`` writes request
+files to GCS and runs Vertex AI batch prediction jobs.
 """
 
 from __future__ import annotations
@@ -48,7 +49,33 @@ class LocalBackend:
         return tokenizer_limit(self.tokenizer_path())
 
 
-BACKENDS: dict[Backend, type] = {Backend.LOCAL: LocalBackend}
+class VertexBackend:
+    """Google Vertex AI batch prediction. Chunking uses the bundled tokenizer as a proxy for
+    Google's (not available offline) under the service's 2,048-token limit per text."""
+
+    name = Backend.VERTEX.value
+
+    def __init__(self, cfg: ReindexConfig) -> None:
+        from reindex.vertex.formats import family_for
+
+        self.cfg = cfg
+        self.family = family_for(cfg.model)
+
+    def model_spec(self) -> ModelSpec:
+        from reindex.vertex.settings import vertex_model_spec
+
+        return vertex_model_spec(self.cfg.model, self.cfg.output_dimensionality)
+
+    def tokenizer_path(self) -> Path:
+        return resolve_model_path("default")
+
+    def token_limit(self) -> int | None:
+        from reindex.vertex.formats import MAX_TOKENS_PER_TEXT
+
+        return MAX_TOKENS_PER_TEXT
+
+
+BACKENDS: dict[Backend, type] = {Backend.LOCAL: LocalBackend, Backend.VERTEX: VertexBackend}
 
 
 def backend_for(cfg: ReindexConfig) -> EmbeddingBackend:

@@ -65,6 +65,7 @@ class ReindexConfig:
     index_type: IndexType = IndexType.HNSW
     force: bool = False
     max_document_bytes: int = 64 * 1024 * 1024
+    output_dimensionality: int | None = None  # Vertex: requested vector size (None: the model's default)
 
     def __post_init__(self) -> None:
         validate_corpus_name(self.corpus)
@@ -89,6 +90,8 @@ class ReindexConfig:
         _check_range("partition_size", self.partition_size, PARTITION_SIZE_RANGE)
         _check_range("encode_batch_size", self.encode_batch_size, ENCODE_BATCH_RANGE)
         _check_range("max_document_bytes", self.max_document_bytes, (1024, 2**31 - 1))
+        if self.output_dimensionality is not None:
+            _check_range("output_dimensionality", self.output_dimensionality, (1, 3072))
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ReindexConfig:

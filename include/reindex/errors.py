@@ -42,5 +42,6 @@ class ErrorCode(StrEnum):
     ENCODER_ERROR = "ENCODER_ERROR"  # the local encoder raised for this text
     TRANSIENT_ENCODER_ERROR = "TRANSIENT_ENCODER_ERROR"  # e.g. device out of memory
     NOT_PROCESSED = "NOT_PROCESSED"  # its partition task never finished
+    JOB_FAILED = "JOB_FAILED"  # the batch job ended FAILED / CANCELLED / EXPIRED without a result for it
     DECODE_ERROR = "DECODE_ERROR"  # documents only: not UTF-8
     BAD_DOCUMENT = "BAD_DOCUMENT"  # documents only: missing id/text, too large, invalid JSON

@@ -24,6 +24,17 @@ class RetryPolicy:
     max_attempts: int = 3
     sanitize_attempts: int = 1
 
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """``REINDEX_RETRY_BACKOFF`` ("5,10,20"), ``REINDEX_RETRY_UNAVAILABLE_SECONDS``, ``REINDEX_RETRY_MAX_ATTEMPTS``."""
+        import os
+
+        env = os.environ
+        backoff = tuple(float(x) for x in env.get("REINDEX_RETRY_BACKOFF", "5,10,20").split(",") if x.strip())
+        return cls(backoff_seconds=backoff,
+                   unavailable_seconds=float(env.get("REINDEX_RETRY_UNAVAILABLE_SECONDS", "30")),
+                   max_attempts=int(env.get("REINDEX_RETRY_MAX_ATTEMPTS", "3")))
+
 
 @dataclass(frozen=True)
 class RetryDecision:

@@ -69,3 +69,38 @@ class PgVectorHook(BaseHook):
                 conn.close()
 
         return _store()
+
+
+class VertexBatchHook(BaseHook):
+    """Clients for Vertex AI batch prediction and GCS, with credentials from an Airflow Google connection.
+
+    The endpoint is configurable (``VertexSettings.api_endpoint``) so the emulator can stand in; a
+    connection with extra ``is_anonymous: true`` works offline against the emulators.
+    """
+
+    def __init__(self, gcp_conn_id: str = "google_cloud_default", api_endpoint: str | None = None,
+                 project: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gcp_conn_id = gcp_conn_id
+        self.api_endpoint = api_endpoint
+        self.project = project
+
+    @cached_property
+    def _google(self):
+        from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
+
+        return GoogleBaseHook(gcp_conn_id=self.gcp_conn_id)
+
+    @cached_property
+    def credentials(self):
+        return self._google.get_credentials()
+
+    def job_client(self):
+        from reindex.vertex.jobs import make_job_client
+
+        return make_job_client(self.api_endpoint, self.credentials)
+
+    def storage_client(self):
+        from google.cloud import storage
+
+        return storage.Client(project=self.project or "reindex", credentials=self.credentials)

@@ -80,7 +80,7 @@ def chunk_corpus(prepared: dict, params: dict | None = None, dag_run=None) -> di
         manifest = pipeline.chunk_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
                                          model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id)
         _remember_config(store, batch_id, cfg)
-    return manifest
+    return {**manifest, "config": cfg.to_dict()}
 
 
 def _remember_config(store, batch_id: str, cfg) -> None:
@@ -90,20 +90,20 @@ def _remember_config(store, batch_id: str, cfg) -> None:
     update_details(store, batch_id, {"config": cfg.to_dict()})
 
 
-def plan_partitions(manifest: dict, params: dict | None = None) -> list[dict]:
+def plan_partitions(manifest: dict) -> list[dict]:
     """Split the batch's pending chunks into id ranges (a few hundred mapped tasks at most)."""
     from reindex import pipeline
 
-    cfg = config_from(params or {})
+    cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store:
         return pipeline.plan(store, cfg, manifest["batch_id"])
 
 
-def encode_partition(partition: dict, manifest: dict, params: dict | None = None) -> dict:
+def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
     from reindex import pipeline
 
-    cfg = config_from(manifest.get("config") or params or {})
+    cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store:
         return pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
 
@@ -116,6 +116,53 @@ def build_index(manifest: dict, params: dict | None = None) -> str | None:
     cfg = config_from(manifest.get("config") or params or {})
     with PgVectorHook().store() as store:
         return _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type)
+
+
+def choose_backend(manifest: dict) -> str:
+    """Route the batch to its backend's tasks: local encoding or Vertex batch jobs."""
+    return "submit_vertex_batch" if manifest["config"]["backend"] == "vertex" else "plan_partitions"
+
+
+def _vertex_context(manifest: dict):
+    from reindex.backends import backend_for
+    from reindex.vertex.settings import VertexSettings
+    from reindex_airflow.hooks import VertexBatchHook
+
+    cfg = config_from(manifest["config"])
+    s = VertexSettings.from_env()
+    return cfg, backend_for(cfg), VertexBatchHook(s.gcp_conn_id, s.endpoint, s.project)
+
+
+def plan_result_ranges(submitted: dict, manifest: dict) -> list[list[dict]]:
+    """Partition the jobs' result files by file and byte range (≤ 256 mapped tasks, none tiny)."""
+    from reindex.vertex.batch import plan_result_ranges as _plan
+
+    _, _, hook = _vertex_context(manifest)
+    if not submitted["output_dirs"]:
+        return []
+    return _plan(hook.storage_client(), submitted["output_dirs"])
+
+
+def ingest_results(ranges: list[dict], manifest: dict) -> dict:
+    """Stream one partition of result lines from GCS: COPY-load vectors, record failures per chunk."""
+    from reindex.store.vectors import get_embedding_store
+    from reindex.vertex.batch import ingest_ranges
+
+    cfg, backend, hook = _vertex_context(manifest)
+    spec = backend.model_spec()
+    with PgVectorHook().store() as store:
+        emb = get_embedding_store(store, cfg.corpus, manifest["model_checksum"])
+        return ingest_ranges(store, emb, spec, manifest["batch_id"], ranges, backend.family,
+                             storage_client=hook.storage_client())
+
+
+def close_results(manifest: dict, submitted: dict) -> int:
+    """Every result line is in: chunks no line carried become FAILED (MISSING_FROM_OUTPUT, or
+    JOB_FAILED with the job's state and error when the job failed as a whole)."""
+    from reindex.vertex.batch import close_results as _close
+
+    with PgVectorHook().store() as store:
+        return _close(store, manifest["batch_id"], submitted["jobs"])
 
 
 def summarize(manifest: dict) -> dict:
@@ -181,10 +228,3 @@ def claim_retry(params: dict | None = None, dag_run=None) -> dict:
             "model_checksum": parent["model_checksum"], "config": config, "retry_at": retry_at.isoformat(), **claim}
 
 
-def plan_retry_partitions(manifest: dict) -> list[dict]:
-    """Partitions of the retry batch (same sizing rules as the first run)."""
-    from reindex import pipeline
-
-    cfg = config_from(manifest["config"])
-    with PgVectorHook().store() as store:
-        return pipeline.plan(store, cfg, manifest["batch_id"])

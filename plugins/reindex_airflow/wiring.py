@@ -7,17 +7,32 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import task
 
 from reindex_airflow import tasks as t
+from reindex_airflow.operators import SubmitVertexBatchOperator
 
 
-def encode_and_close(manifest, partitions):
-    """encode_partition (mapped) → build_index → summarize → branch on the batch status.
+def embed_and_close(manifest, after=None):
+    """Route by backend, embed, then build_index → summarize → branch on the batch status.
+
+    local: plan_partitions → encode_partition (mapped). vertex: submit_vertex_batch (deferred) →
+    plan_result_ranges → ingest_results (mapped) → close_results.
 
     COMPLETED → ``done``; COMPLETED_WITH_ERRORS with retriable chunks → ``trigger_retry`` (a
     ``reindex_retry`` run for that batch); FAILED → ``fail_batch`` fails the run with the reasons.
     Returns the summary XComArg.
     """
+    route = task.branch(t.choose_backend, task_id="choose_backend")(manifest)
+    if after is not None:
+        after >> route
+    partitions = task(t.plan_partitions)(manifest)
     loaded = task(t.encode_partition, max_active_tis_per_dagrun=2).partial(manifest=manifest).expand(
         partition=partitions)
+    submitted = SubmitVertexBatchOperator(task_id="submit_vertex_batch", manifest=manifest)
+    ranges = task(t.plan_result_ranges)(submitted.output, manifest)
+    ingested = task(t.ingest_results, max_active_tis_per_dagrun=4).partial(manifest=manifest).expand(
+        ranges=ranges)
+    closed = task(t.close_results, trigger_rule="none_failed")(manifest, submitted.output)
+    route >> [partitions, submitted]
+    ingested >> closed
     index = task(t.build_index, trigger_rule="all_done")(manifest)
     summary = task(t.summarize, trigger_rule="all_done", retries=0)(manifest)
     branch = task.branch(t.choose_branch, task_id="branch")(summary)
@@ -29,6 +44,6 @@ def encode_and_close(manifest, partitions):
         wait_for_completion=False,
     )
     failed = task(t.fail_batch, retries=0)(summary)
-    loaded >> index >> summary
+    [loaded, closed] >> index >> summary
     branch >> [done, retry, failed]
     return summary

@@ -27,15 +27,17 @@ def test_dag_conventions(dagbag, dag_id):
     assert dag.default_args["owner"] == "reindex"
     assert not dag.catchup
     for t in dag.tasks:
-        if t.task_id not in {"summarize", "fail_batch", "branch", "done", "trigger_retry"}:
+        if t.task_id not in {"summarize", "fail_batch", "branch", "done", "trigger_retry", "choose_backend"}:
             assert t.retries >= 1, f"{dag_id}.{t.task_id} has no retries"
 
 
 def test_reindex_corpus_shape(dagbag):
     dag = dagbag.get_dag("reindex_corpus")
     ids = {t.task_id for t in dag.tasks}
-    assert ids == {"ensure_schema", "chunk_corpus", "plan_partitions", "encode_partition", "build_index",
-                   "summarize", "branch", "done", "trigger_retry", "fail_batch"}
+    assert ids == {"ensure_schema", "chunk_corpus", "choose_backend", "plan_partitions", "encode_partition",
+                   "submit_vertex_batch", "plan_result_ranges", "ingest_results", "close_results",
+                   "build_index", "summarize", "branch", "done", "trigger_retry", "fail_batch"}
+    assert dag.get_task("choose_backend").downstream_task_ids == {"plan_partitions", "submit_vertex_batch"}
     assert dag.get_task("branch").downstream_task_ids == {"done", "trigger_retry", "fail_batch"}
     assert dag.get_task("summarize").trigger_rule == "all_done"
     assert dag.get_task("trigger_retry").trigger_dag_id == "reindex_retry"

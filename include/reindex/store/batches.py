@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from reindex.config import MAX_PARTITIONS
 from reindex.errors import ErrorCode
-from reindex.retry import RetryPolicy, decide
+from reindex.retry import RetryAction, RetryPolicy, decide
 from reindex.status import BatchStatus, BatchSummary, compute_batch_status
 from reindex.store import Store
 from reindex.store.vectors import EmbeddingStore
@@ -64,18 +64,67 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
     return {"pending": claimed, "reused": reused}
 
 
-def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: RetryPolicy = RetryPolicy()) -> dict:
+def split_text(text: str) -> tuple[str, str] | None:
+    """Two halves of ``text`` cut at the whitespace nearest its middle; None if it cannot be split."""
+    mid = len(text) // 2
+    left, right = text.rfind(" ", 0, mid + 1), text.find(" ", mid)
+    cuts = [c for c in (left, right) if c > 0]
+    if not cuts:
+        return None
+    cut = min(cuts, key=lambda c: abs(c - mid))
+    a, b = text[:cut].strip(), text[cut:].strip()
+    return (a, b) if a and b else None
+
+
+def _resplit(store: Store, batch_id: str, pks: list[int]) -> tuple[list[int], list[int]]:
+    """Re-split too-long chunks in two: the chunk keeps the first half, ``<chunk_id>.1`` gets the second.
+
+    Returns (resubmitted chunk pks, pks that cannot be split and stay FAILED).
+    """
+    from reindex.chunking import content_sha256
+
+    t = store.t
+    done, unsplittable = [], []
+    rows = store.execute(sql.SQL("""SELECT id, corpus, chunk_id, doc_id, ordinal, text, token_count, retry_count
+        FROM {} WHERE id = ANY(%s)""").format(t("chunks")), (pks,)).fetchall()
+    for pk, corpus, chunk_id, doc_id, ordinal, text, ntok, retry_count in rows:
+        halves = split_text(text)
+        if halves is None:
+            unsplittable.append(pk)
+            continue
+        a, b = halves
+        store.execute(sql.SQL("""UPDATE {} SET text = %s, content_sha256 = %s, token_count = %s, batch_id = %s,
+            embedding_status = 'PENDING', retry_count = retry_count + 1, updated_at = now() WHERE id = %s""").format(
+            t("chunks")), (a, content_sha256(a), max(1, ntok // 2), batch_id, pk))
+        new_pk = store.one(sql.SQL("""INSERT INTO {} (corpus, chunk_id, doc_id, ordinal, text, content_sha256,
+                token_count, embedding_status, retry_count, batch_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, 'PENDING', %s, %s)
+            ON CONFLICT (corpus, chunk_id) DO UPDATE SET text = EXCLUDED.text,
+                content_sha256 = EXCLUDED.content_sha256, embedding_status = 'PENDING', batch_id = EXCLUDED.batch_id
+            RETURNING id""").format(t("chunks")),
+            (corpus, f"{chunk_id}.1", doc_id, ordinal, b, content_sha256(b), max(1, ntok - ntok // 2),
+             retry_count + 1, batch_id))[0]
+        done += [pk, new_pk]
+    if unsplittable:
+        store.execute(sql.SQL("""UPDATE {} SET error_message = error_message || ' (cannot be re-split: no word
+            boundary)', retry_count = retry_count + 1 WHERE id = ANY(%s)""").format(t("chunks")), (unsplittable,))
+    return done, unsplittable
+
+
+def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: RetryPolicy | None = None) -> dict:
     """Move the retriable FAILED chunks of ``parent_batch_id`` into the retry batch ``batch_id``.
 
     Only failed chunks whose error code the policy still retries (given their ``retry_count``)
-    are claimed; their ``retry_count`` goes up by one. Returns counts and the longest delay the
-    policy asks for before resubmitting.
+    are claimed; their ``retry_count`` goes up by one. Too-long chunks are re-split in two.
+    Returns counts and the longest delay the policy asks for before resubmitting.
     """
+    policy = policy or RetryPolicy.from_env()
     t = store.t
     rows = store.execute(sql.SQL("""SELECT error_code, retry_count, array_agg(id ORDER BY id) FROM {chunks}
         WHERE batch_id = %s AND embedding_status = 'FAILED' GROUP BY error_code, retry_count""").format(
         chunks=t("chunks")), (parent_batch_id,)).fetchall()
     ids: list[int] = []
+    resplit: list[int] = []
     actions: dict[str, int] = {}
     delay = 0.0
     terminal = 0
@@ -84,13 +133,17 @@ def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: R
         if not d.retriable:
             terminal += len(pks)
             continue
-        ids.extend(pks)
+        (resplit if d.action == RetryAction.RESPLIT else ids).extend(pks)
         actions[d.action.value] = actions.get(d.action.value, 0) + len(pks)
         delay = max(delay, d.delay_seconds)
     if ids:
         store.execute(sql.SQL("""UPDATE {chunks} SET batch_id = %s, embedding_status = 'PENDING',
             retry_count = retry_count + 1, updated_at = now() WHERE id = ANY(%s)""").format(chunks=t("chunks")),
             (batch_id, ids))
+    if resplit:
+        pieces, unsplittable = _resplit(store, batch_id, resplit)
+        ids += pieces
+        terminal += len(unsplittable)
     store.execute(sql.SQL("UPDATE {} SET total = %s, details = details || %s WHERE batch_id = %s").format(
         t("batches")), (len(ids), Jsonb({"retry_actions": actions, "left_failed": terminal}), batch_id))
     return {"pending": len(ids), "terminal": terminal, "actions": actions, "delay_seconds": delay}
@@ -150,12 +203,13 @@ def iter_pending_texts(store: Store, batch_id: str, block_rows: int = 5000) -> I
         last = rows[-1][0]
 
 
-def mark_missing(store: Store, batch_id: str) -> int:
-    """Chunks still PENDING after every result line was read: FAILED ``MISSING_FROM_OUTPUT``."""
+def mark_missing(store: Store, batch_id: str, *, code: ErrorCode = ErrorCode.MISSING_FROM_OUTPUT,
+                 message: str = "missing from output: no result line carried this chunk's content") -> int:
+    """Chunks still PENDING after every result line was read: FAILED ``MISSING_FROM_OUTPUT`` (or ``code``)."""
     return store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'FAILED', error_code = %s,
-            error_message = 'missing from output: no result line carried this chunk''s content', updated_at = now()
+            error_message = %s, updated_at = now()
         WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(chunks=store.t("chunks")),
-        (ErrorCode.MISSING_FROM_OUTPUT.value, batch_id)).rowcount
+        (code.value, message[:2000], batch_id)).rowcount
 
 
 def update_details(store: Store, batch_id: str, details: dict) -> None:
@@ -164,8 +218,9 @@ def update_details(store: Store, batch_id: str, details: dict) -> None:
 
 
 def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
-                    policy: RetryPolicy = RetryPolicy()) -> BatchSummary:
+                    policy: RetryPolicy | None = None) -> BatchSummary:
     """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist."""
+    policy = policy or RetryPolicy.from_env()
     t = store.t
     store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'FAILED', error_code = %s,
             error_message = 'not processed: its partition task did not finish', updated_at = now()

@@ -1,0 +1,159 @@
+"""The Google batch path end to end through Airflow (``dag.test()``) against the offline emulators:
+gcp-storage-emulator for GCS and the project's Vertex batch-prediction emulator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from psycopg import sql
+
+from reindex.emulators.gcs import start_gcs_emulator
+from reindex.emulators.vertex import EmulatorConfig, VertexEmulator
+from reindex.store import Store, connect
+from reindex.store.search import corpus_status, search
+
+pytestmark = pytest.mark.e2e
+BUCKET = "reindex-batches"
+
+
+@pytest.fixture(scope="module")
+def emulators():
+    url, stop = start_gcs_emulator(buckets=[BUCKET])
+    emu = VertexEmulator(EmulatorConfig(embedder="hash"), gcs_host=url).start()
+    yield url, emu
+    emu.stop()
+    stop()
+
+
+@pytest.fixture
+def vertex_env(emulators, monkeypatch):
+    url, emu = emulators
+    emu.reset(config=True)
+    for key, value in {
+        "REINDEX_VERTEX_PROJECT": "emulator",
+        "REINDEX_VERTEX_ENDPOINT": emu.endpoint,
+        "REINDEX_GCS_BUCKET": BUCKET,
+        "REINDEX_VERTEX_POLL_SECONDS": "0.2",
+        "REINDEX_RETRY_BACKOFF": "0.2,0.4,0.8",
+        "REINDEX_RETRY_UNAVAILABLE_SECONDS": "0.5",
+        "STORAGE_EMULATOR_HOST": url,
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
+            {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}),
+    }.items():
+        monkeypatch.setenv(key, value)
+    return emu
+
+
+@pytest.fixture
+def store_conn(store_uri):
+    with connect(store_uri, autocommit=True) as conn:
+        yield Store(conn)
+
+
+def _states(dr):
+    return {ti.task_id: ti.state for ti in dr.get_task_instances()}
+
+
+def _triggered_retry_conf(parent: str) -> dict:
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+
+    with settings.Session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == "reindex_retry").all()
+        confs = [r.conf for r in runs if r.conf.get("batch_id") == parent]
+    assert len(confs) == 1, f"expected one reindex_retry run for {parent}, got {confs}"
+    return confs[0]
+
+
+def test_real_model_vectors_from_the_emulator_into_pgvector(dagbag, vertex_env, store_conn, tmp_path, encoder):
+    """The emulator embeds with the bundled MiniLM; the vectors land in pgvector and answer a search."""
+    vertex_env.configure(embedder="model")
+    docs = {"photo": "Green plants use chlorophyll to turn sunlight, water and carbon dioxide into sugar.",
+            "train": "The Trans-Siberian Railway links Moscow with Vladivostok across Siberia.",
+            "baikal": "Байкал — самое глубокое озеро в мире."}
+    for name, text in docs.items():
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": "vertex_real", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "text-embedding-005", "output_dimensionality": 384})
+    assert dr.state == "success", _states(dr)
+    states = _states(dr)
+    assert states["submit_vertex_batch"] == "success" and states["encode_partition"] == "skipped"
+    st = corpus_status(store_conn, "vertex_real")
+    assert st["chunks"] == {"READY": 3, "PENDING": 0, "FAILED": 0}
+    assert (st["model"]["model_id"], st["model"]["dim"]) == ("text-embedding-005", 384)
+    assert vertex_env.stats()["create_calls"] == 1
+    hits = search(store_conn, "vertex_real", encoder.encode(["how do plants make food from light"])[0], k=1)
+    assert hits[0].doc_id == "photo.txt" and hits[0].score > 0.5
+
+
+def test_ten_thousand_chunks_with_partial_failures_and_a_healing_retry(dagbag, vertex_env, store_conn, tmp_path):
+    """~2 % injected per-line failures of mixed kinds → COMPLETED_WITH_ERRORS → reindex_retry heals the
+    retriable ones; texts the service always refuses for invalid characters (sanitized once, refused
+    again) stay FAILED with the reason."""
+    n = 10_000
+    refused = {i for i in range(0, n, 199)}  # 51 documents the service always refuses
+    rows = [json.dumps({"id": f"d{i:05d}", "text": f"note {i}: topic {i % 97} with detail {i * 7919 % 10007}"
+                        + (" zz-refuse" if i in refused else "")}) for i in range(n)]
+    (tmp_path / "notes.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    vertex_env.configure(embedder="hash", hash_dim=768, seed=7, transient_max_failures=1, lines_per_file=3000,
+                         force_errors={"zz-refuse": "invalid_characters"},
+                         error_rates={"rate_limited": 0.006, "unavailable": 0.004, "too_long": 0.005})
+    conf = {"corpus": "vertex_10k", "corpus_uri": str(tmp_path), "backend": "vertex",
+            "model": "text-embedding-005", "output_dimensionality": 768, "partition_size": 2000}
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf=conf)
+    assert dr.state == "success", _states(dr)
+    assert _states(dr)["trigger_retry"] == "success"
+    st = corpus_status(store_conn, "vertex_10k")
+    first = st["last_batch"]
+    assert first["status"] == "COMPLETED_WITH_ERRORS" and first["total"] == n
+    reasons = first["counts_by_reason"]
+    assert set(reasons) == {"RATE_LIMITED", "UNAVAILABLE", "TOO_LONG", "INVALID_CHARACTERS"}
+    failed_first = sum(reasons.values())
+    assert 100 <= failed_first <= 300 and first["ready"] == n - failed_first
+    assert reasons["INVALID_CHARACTERS"] == len(refused)
+    assert vertex_env.stats()["create_calls"] == 1
+
+    vertex_env.configure(error_rates={})  # the transient trouble is over; the refused texts stay refused
+    retry = dagbag.get_dag("reindex_retry").test(run_conf=_triggered_retry_conf(first["batch_id"]))
+    assert retry.state == "success", _states(retry)
+    st = corpus_status(store_conn, "vertex_10k")
+    second = st["last_batch"]
+    assert (second["kind"], second["status"]) == ("retry", "COMPLETED_WITH_ERRORS")
+    assert _states(retry)["done"] == "success"  # nothing retriable is left: no further retry run
+    # every re-split chunk became two pieces; 429/503 (transient) and re-split pieces are now READY
+    total = st["chunks_total"]
+    assert total == n + reasons["TOO_LONG"]
+    assert st["failed_by_reason"] == {"INVALID_CHARACTERS": reasons["INVALID_CHARACTERS"]}
+    assert st["chunks"] == {"READY": total - reasons["INVALID_CHARACTERS"], "PENDING": 0,
+                            "FAILED": reasons["INVALID_CHARACTERS"]}
+    (vectors, distinct) = store_conn.one(sql.SQL("SELECT count(*), count(DISTINCT chunk_pk) FROM {}").format(
+        store_conn.t(st["vector_table"])))
+    assert vectors == distinct == st["chunks"]["READY"]  # no duplicate rows
+    (msg,) = store_conn.one(sql.SQL("""SELECT error_message FROM {} WHERE corpus = 'vertex_10k'
+        AND embedding_status = 'FAILED' LIMIT 1""").format(store_conn.t("chunks")))
+    assert "nvalid characters" in msg
+    (vec,) = store_conn.one(sql.SQL("SELECT embedding::text FROM {} LIMIT 1").format(store_conn.t(st["vector_table"])))
+    v = np.array(json.loads(vec), dtype=np.float32)
+    assert v.shape == (768,) and abs(np.linalg.norm(v) - 1) < 1e-3
+    assert vertex_env.stats()["create_calls"] == 2  # one job for the batch, one for its retry
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "EXPIRED"])
+def test_a_failed_or_expired_job_fails_the_run_loudly(dagbag, vertex_env, store_conn, tmp_path, outcome):
+    (tmp_path / "a.txt").write_text("one small document", encoding="utf-8")
+    vertex_env.configure(outcome=outcome)
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": f"vertex_{outcome.lower()}", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "text-embedding-005", "output_dimensionality": 768})
+    assert dr.state == "failed"
+    states = _states(dr)
+    assert states["submit_vertex_batch"] == "success" and states["fail_batch"] == "failed"
+    st = corpus_status(store_conn, f"vertex_{outcome.lower()}")
+    assert st["last_batch"]["status"] == "FAILED"
+    assert st["failed_by_reason"] == {"JOB_FAILED": 1}
+    (msg,) = store_conn.one(sql.SQL("SELECT error_message FROM {} WHERE corpus = %s").format(
+        store_conn.t("chunks")), (f"vertex_{outcome.lower()}",))
+    assert f"ended {outcome}" in msg
