@@ -159,8 +159,12 @@ def ingest_results(ranges: list[dict], manifest: dict) -> dict:
 def close_results(manifest: dict, submitted: dict) -> int:
     """Every result line is in: chunks no line carried become FAILED (MISSING_FROM_OUTPUT, or
     JOB_FAILED with the job's state and error when the job failed as a whole)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
     from reindex.vertex.batch import close_results as _close
 
+    if not submitted:  # the Vertex branch was not taken (its trigger rule lets it run past skips)
+        raise AirflowSkipException("no Vertex submission in this run")
     with PgVectorHook().store() as store:
         return _close(store, manifest["batch_id"], submitted["jobs"])
 

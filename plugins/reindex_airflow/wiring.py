@@ -30,7 +30,7 @@ def embed_and_close(manifest, after=None):
     ranges = task(t.plan_result_ranges)(submitted.output, manifest)
     ingested = task(t.ingest_results, max_active_tis_per_dagrun=4).partial(manifest=manifest).expand(
         ranges=ranges)
-    closed = task(t.close_results, trigger_rule="none_failed")(manifest, submitted.output)
+    closed = task(t.close_results, trigger_rule="none_failed_min_one_success")(manifest, submitted.output)
     route >> [partitions, submitted]
     ingested >> closed
     index = task(t.build_index, trigger_rule="all_done")(manifest)
