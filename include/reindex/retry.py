@@ -23,6 +23,7 @@ class RetryPolicy:
     unavailable_seconds: float = 30.0
     max_attempts: int = 3
     sanitize_attempts: int = 1
+    quota_wait_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
@@ -33,7 +34,8 @@ class RetryPolicy:
         backoff = tuple(float(x) for x in env.get("REINDEX_RETRY_BACKOFF", "5,10,20").split(",") if x.strip())
         return cls(backoff_seconds=backoff,
                    unavailable_seconds=float(env.get("REINDEX_RETRY_UNAVAILABLE_SECONDS", "30")),
-                   max_attempts=int(env.get("REINDEX_RETRY_MAX_ATTEMPTS", "3")))
+                   max_attempts=int(env.get("REINDEX_RETRY_MAX_ATTEMPTS", "3")),
+                   quota_wait_seconds=float(env.get("REINDEX_QUOTA_RESET_SECONDS", "3600")))
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def decide(code: str | None, retry_count: int, policy: RetryPolicy = RetryPolicy
             return RetryDecision(RetryAction.FAIL)
         return RetryDecision(RetryAction.SANITIZE)
     if code == ErrorCode.QUOTA_EXCEEDED:
-        return RetryDecision(RetryAction.QUOTA_WAIT)
+        return RetryDecision(RetryAction.QUOTA_WAIT, policy.quota_wait_seconds)
     return RetryDecision(RetryAction.FAIL)
 
 

@@ -49,6 +49,14 @@ def test_production_shape(compose):
     assert "CREATE DATABASE airflow" in init_sql and "CREATE DATABASE reindex" in init_sql
 
 
+def test_offline_emulators_are_services(compose):
+    services = compose["services"]
+    for name in ("gcs-emulator", "vertex-emulator"):
+        assert services[name]["profiles"] == ["offline"] and "healthcheck" in services[name]
+    assert "reindex.emulators.vertex" in services["vertex-emulator"]["command"]
+    assert services["vertex-emulator"]["depends_on"]["gcs-emulator"]["condition"] == "service_healthy"
+
+
 def test_image_installs_the_pinned_requirements():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "apache/airflow:3.3.2" in dockerfile

@@ -37,6 +37,7 @@ def test_retry_table():
     assert decide(ErrorCode.INVALID_CHARACTERS, 0, p).action == RetryAction.SANITIZE
     assert decide(ErrorCode.INVALID_CHARACTERS, 1, p).action == RetryAction.FAIL  # sanitize once
     assert decide(ErrorCode.QUOTA_EXCEEDED, 5, p).action == RetryAction.QUOTA_WAIT
+    assert decide(ErrorCode.QUOTA_EXCEEDED, 0, p).delay_seconds == 3600  # deferred until the window reopens
     for terminal in (ErrorCode.INVALID_INPUT, ErrorCode.DIMENSION_MISMATCH, ErrorCode.MALFORMED_OUTPUT,
                      ErrorCode.ENCODER_ERROR, "something new", None):
         assert decide(terminal, 0, p).action == RetryAction.FAIL

@@ -393,3 +393,15 @@ def test_gcs_adapters_against_the_emulator():
         blocks = list(stream_results(GcsRangeOpener(client, chunk_size=2_048), ranges, GEMINI, DIM, block_lines=64))
     assert sorted(k for b in blocks for k in b.keys) == sorted(f"k{i}" for i in range(250))
     assert [(f.key, f.code) for b in blocks for f in b.failures] == [("k999", ErrorCode.UNAVAILABLE)]
+
+
+def test_stream_results_names_the_line_of_a_truncated_last_line():
+    lines = [classic_ok(f"text {i}", vec(i)) for i in range(3)]
+    data = b"\n".join(lines[:2]) + b"\n" + lines[2][: len(lines[2]) // 2]  # the last line is cut off
+    ranges = plan_ranges([("mem://predictions_0001.jsonl", len(data))], target_bytes=1 << 20)
+    blocks = list(stream_results(lambda r: io.BytesIO(data), ranges, CLASSIC, DIM))
+    assert sum(len(b) for b in blocks) == 2
+    (failure,) = [f for b in blocks for f in b.failures]
+    assert failure.code == ErrorCode.MALFORMED_OUTPUT
+    assert "mem://predictions_0001.jsonl byte" in failure.message and " line 3:" in failure.message
+    assert failure.key == content_key("text 2")  # the complete content string was recovered

@@ -502,8 +502,9 @@ def stream_results(open_range: Callable[[ByteRange], BinaryIO], ranges: Iterable
     for r in ranges:
         f = open_range(r)
         try:
-            for offset, raw in iter_range_lines(f, r.start, r.end, block_size=block_size):
-                parser.feed(offset, raw, r.uri)
+            # line numbers are known when the range starts the file (files under the range size)
+            for line_no, (offset, raw) in enumerate(iter_range_lines(f, r.start, r.end, block_size=block_size), 1):
+                parser.feed(offset, raw, r.uri, line_no if r.start == 0 else None)
                 if parser.pending >= block_lines:
                     yield parser.flush()
         finally:
