@@ -94,3 +94,50 @@ def dagbag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+@pytest.fixture
+def store_conn(store_uri):
+    """A ``Store`` on the default ``reindex`` schema — the one the DAGs' ``reindex_pg`` connection uses."""
+    from reindex.store import Store, connect
+
+    with connect(store_uri, autocommit=True) as conn:
+        yield Store(conn)
+
+
+VERTEX_BUCKET = "reindex-batches"
+
+
+@pytest.fixture(scope="module")
+def emulators():
+    """gcp-storage-emulator and the Vertex batch emulator (test-only hash embedder by default)."""
+    from reindex.emulators.gcs import start_gcs_emulator
+    from reindex.emulators.vertex import EmulatorConfig, VertexEmulator
+
+    url, stop = start_gcs_emulator(buckets=[VERTEX_BUCKET])
+    emu = VertexEmulator(EmulatorConfig(embedder="hash", hash_dim=768), gcs_host=url).start()
+    yield url, emu
+    emu.stop()
+    stop()
+
+
+@pytest.fixture
+def vertex_env(emulators, monkeypatch):
+    """Point the Vertex backend at the emulators (fresh jobs, counters and configuration)."""
+    import json
+
+    url, emu = emulators
+    emu.reset(config=True)
+    for key, value in {
+        "REINDEX_VERTEX_PROJECT": "emulator",
+        "REINDEX_VERTEX_ENDPOINT": emu.endpoint,
+        "REINDEX_GCS_BUCKET": VERTEX_BUCKET,
+        "REINDEX_VERTEX_POLL_SECONDS": "0.2",
+        "REINDEX_RETRY_BACKOFF": "0.2,0.4,0.8",
+        "REINDEX_RETRY_UNAVAILABLE_SECONDS": "0.5",
+        "STORAGE_EMULATOR_HOST": url,
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
+            {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}),
+    }.items():
+        monkeypatch.setenv(key, value)
+    return emu

@@ -6,17 +6,10 @@ from __future__ import annotations
 import pytest
 from psycopg import sql
 
-from reindex.store import Store, connect
 from reindex.store.search import corpus_status, search
 from tests.conftest import SAMPLE_CORPUS
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def store_conn(store_uri):
-    with connect(store_uri, autocommit=True) as conn:
-        yield Store(conn)
 
 
 def _ti_states(dr):

@@ -9,47 +9,9 @@ import numpy as np
 import pytest
 from psycopg import sql
 
-from reindex.emulators.gcs import start_gcs_emulator
-from reindex.emulators.vertex import EmulatorConfig, VertexEmulator
-from reindex.store import Store, connect
 from reindex.store.search import corpus_status, search
 
 pytestmark = pytest.mark.e2e
-BUCKET = "reindex-batches"
-
-
-@pytest.fixture(scope="module")
-def emulators():
-    url, stop = start_gcs_emulator(buckets=[BUCKET])
-    emu = VertexEmulator(EmulatorConfig(embedder="hash"), gcs_host=url).start()
-    yield url, emu
-    emu.stop()
-    stop()
-
-
-@pytest.fixture
-def vertex_env(emulators, monkeypatch):
-    url, emu = emulators
-    emu.reset(config=True)
-    for key, value in {
-        "REINDEX_VERTEX_PROJECT": "emulator",
-        "REINDEX_VERTEX_ENDPOINT": emu.endpoint,
-        "REINDEX_GCS_BUCKET": BUCKET,
-        "REINDEX_VERTEX_POLL_SECONDS": "0.2",
-        "REINDEX_RETRY_BACKOFF": "0.2,0.4,0.8",
-        "REINDEX_RETRY_UNAVAILABLE_SECONDS": "0.5",
-        "STORAGE_EMULATOR_HOST": url,
-        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
-            {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}),
-    }.items():
-        monkeypatch.setenv(key, value)
-    return emu
-
-
-@pytest.fixture
-def store_conn(store_uri):
-    with connect(store_uri, autocommit=True) as conn:
-        yield Store(conn)
 
 
 def _states(dr):

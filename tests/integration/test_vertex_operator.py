@@ -4,43 +4,21 @@ second submission, the daily-quota wait, on_kill, the trigger's terminal states 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 from psycopg import sql
 
 from reindex import pipeline
 from reindex.config import ReindexConfig
-from reindex.emulators.gcs import start_gcs_emulator
-from reindex.emulators.vertex import EmulatorConfig, VertexEmulator
 from reindex.store import Store, connect
 from reindex.store.batches import summarize_batch
 from reindex.vertex.batch import close_results
 
-BUCKET = "reindex-batches"
-
-
-@pytest.fixture(scope="module")
-def emulators():
-    url, stop = start_gcs_emulator(buckets=[BUCKET])
-    emu = VertexEmulator(EmulatorConfig(embedder="hash", hash_dim=768), gcs_host=url).start()
-    yield url, emu
-    emu.stop()
-    stop()
-
 
 @pytest.fixture
-def env(emulators, monkeypatch):
-    url, emu = emulators
-    emu.reset(config=True)
-    monkeypatch.setenv("REINDEX_VERTEX_PROJECT", "emulator")
-    monkeypatch.setenv("REINDEX_VERTEX_ENDPOINT", emu.endpoint)
-    monkeypatch.setenv("REINDEX_GCS_BUCKET", BUCKET)
+def env(vertex_env, monkeypatch):
     monkeypatch.setenv("REINDEX_VERTEX_POLL_SECONDS", "0.1")
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps(
-        {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}))
-    return emu
+    return vertex_env
 
 
 class StateStore:

@@ -183,38 +183,33 @@ def load_vectors_by_hash(store: Store, emb: EmbeddingStore, batch_id: str, shas:
     return loaded
 
 
+def _record_failures(store: Store, key_type: str, rows: list[tuple], match: sql.Composable, params=()) -> int:
+    """COPY ``(key, code, message)`` rows into a temp table and flip the matching chunks to FAILED."""
+    if not rows:
+        return 0
+    with store.conn.transaction():
+        store.execute(sql.SQL("CREATE TEMP TABLE stage_failures (key {}, code text, message text) ON COMMIT DROP").format(
+            sql.SQL(key_type)))
+        with store.conn.cursor().copy("COPY stage_failures FROM STDIN") as copy:
+            for r in rows:
+                copy.write_row(r)
+        return store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'FAILED', error_code = f.code,
+                error_message = f.message, updated_at = now()
+            FROM stage_failures f WHERE {match}""").format(chunks=store.t("chunks"), match=match), params).rowcount
+
+
 def mark_failed_by_hash(store: Store, batch_id: str, failures: Iterable[tuple[str, ErrorCode | str, str]]) -> int:
     """Record failures keyed by content hash on the batch's chunks that are not READY (a success elsewhere
     in the output wins). ``failures``: (content_sha256, code, message)."""
     rows = [(sha, str(code), msg[:2000]) for sha, code, msg in failures if sha]
-    if not rows:
-        return 0
-    with store.conn.transaction():
-        store.execute("CREATE TEMP TABLE stage_failures (content_sha256 text, code text, message text) ON COMMIT DROP")
-        with store.conn.cursor().copy("COPY stage_failures FROM STDIN") as copy:
-            for r in rows:
-                copy.write_row(r)
-        n = store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'FAILED', error_code = f.code,
-                error_message = f.message, updated_at = now()
-            FROM stage_failures f WHERE c.batch_id = %s AND c.content_sha256 = f.content_sha256
-              AND c.embedding_status <> 'READY'""").format(chunks=store.t("chunks")), (batch_id,)).rowcount
-    return n
+    match = sql.SQL("c.batch_id = %s AND c.content_sha256 = f.key AND c.embedding_status <> 'READY'")
+    return _record_failures(store, "text", rows, match, (batch_id,))
 
 
 def mark_failed(store: Store, failures: Iterable[tuple[int, ErrorCode | str, str]]) -> int:
     """Set chunks FAILED with their error code and message. ``failures``: (chunk_pk, code, message)."""
     rows = [(pk, str(code), msg[:2000]) for pk, code, msg in failures]
-    if not rows:
-        return 0
-    with store.conn.transaction():
-        store.execute("CREATE TEMP TABLE stage_failures (chunk_pk bigint, code text, message text) ON COMMIT DROP")
-        with store.conn.cursor().copy("COPY stage_failures FROM STDIN") as copy:
-            for r in rows:
-                copy.write_row(r)
-        n = store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'FAILED', error_code = f.code,
-                error_message = f.message, updated_at = now()
-            FROM stage_failures f WHERE c.id = f.chunk_pk""").format(chunks=store.t("chunks"))).rowcount
-    return n
+    return _record_failures(store, "bigint", rows, sql.SQL("c.id = f.key"))
 
 
 def build_index(store: Store, emb: EmbeddingStore, index_type: IndexType = IndexType.HNSW, *,
