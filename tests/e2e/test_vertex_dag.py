@@ -119,3 +119,22 @@ def test_a_failed_or_expired_job_fails_the_run_loudly(dagbag, vertex_env, store_
     (msg,) = store_conn.one(sql.SQL("SELECT error_message FROM {} WHERE corpus = %s").format(
         store_conn.t("chunks")), (f"vertex_{outcome.lower()}",))
     assert f"ended {outcome}" in msg
+
+
+def test_gemini_embedding_batch_joined_by_key(dagbag, vertex_env, store_conn, tmp_path):
+    """gemini-embedding-001: {"key", "request"} lines, results joined by key; 768-d is not unit-norm."""
+    rows = [json.dumps({"id": f"g{i}", "text": f"gemini document {i} about tea and coffee"}) for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    vertex_env.configure(embedder="hash", hash_dim=768, seed=5, error_rates={"unavailable": 0.02},
+                         transient_max_failures=1)
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": "vertex_gemini", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "gemini-embedding-001", "output_dimensionality": 768})
+    assert dr.state == "success", _states(dr)
+    st = corpus_status(store_conn, "vertex_gemini")
+    batch = st["last_batch"]
+    assert (st["model"]["model_id"], st["model"]["dim"], st["model"]["normalized"]) == (
+        "gemini-embedding-001", 768, False)
+    failed = batch["counts_by_reason"].get("UNAVAILABLE", 0)
+    assert batch["counts_by_reason"] == ({"UNAVAILABLE": failed} if failed else {})
+    assert batch["ready"] == 300 - failed and st["chunks"]["READY"] == 300 - failed
