@@ -85,7 +85,7 @@ class SubmitVertexBatchOperator(BaseOperator):
                     self.log.info("batch %s has nothing to embed: no job submitted", batch_id)
                     return {"batch_id": batch_id, "jobs": [], "output_dirs": [], "job_failed": False}
                 prefix = batch_prefix(s.prefix, cfg.corpus, batch_id)
-                job_inputs = write_requests(store, self.hook.storage_client(), s.bucket, f"{prefix}/input",
+                job_inputs = write_requests(store, self.hook.storage_client(), s.bucket, prefix,
                                             batch_id, family_for(cfg.model),
                                             output_dimensionality=cfg.output_dimensionality)
                 client = self.hook.job_client()

@@ -170,6 +170,6 @@ def test_gcs_shard_opener_with_fake_bucket():
     bucket = Bucket()
     opener = GcsShardOpener(bucket, "/runs/b1/")
     plan = write_request_shards([("k1", "a"), ("k2", "b")], GEMINI, opener, max_lines_per_shard=1)
-    assert opener.job_uris(plan.jobs[0]) == ["gs://bkt/runs/b1/job-0000/requests-00000.jsonl",
-                                              "gs://bkt/runs/b1/job-0000/requests-00001.jsonl"]
-    assert orjson.loads(bucket.objects["runs/b1/job-0000/requests-00001.jsonl"])["key"] == "k2"
+    assert opener.job_uris(plan.jobs[0]) == ["gs://bkt/runs/b1/input-0000-00000.jsonl",
+                                              "gs://bkt/runs/b1/input-0000-00001.jsonl"]
+    assert orjson.loads(bucket.objects["runs/b1/input-0000-00001.jsonl"])["key"] == "k2"

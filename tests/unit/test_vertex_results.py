@@ -380,7 +380,7 @@ def test_gcs_adapters_against_the_emulator():
         plan = write_request_shards(((f"k{i}", f"text {i}") for i in range(250)), GEMINI, opener,
                                     max_lines_per_shard=100)
         assert [s.lines for s in plan.jobs[0].shards] == [100, 100, 50]
-        assert bucket.blob("b1/requests/job-0000/requests-00002.jsonl").download_as_bytes().count(b"\n") == 50
+        assert bucket.blob("b1/requests/input-0000-00002.jsonl").download_as_bytes().count(b"\n") == 50
         out = b"".join(gemini_ok(f"k{i}", vec(i)) + b"\n" for i in range(250))
         bucket.blob("b1/out/prediction-x/predictions_0001.jsonl").upload_from_string(out)
         bucket.blob("b1/out/prediction-x/errors_0001.jsonl").upload_from_string(

@@ -39,7 +39,7 @@ def batch_prefix(prefix: str, corpus: str, batch_id: str) -> str:
 
 def write_requests(store: Store, storage_client, bucket: str, prefix: str, batch_id: str, family: Family, *,
                    output_dimensionality: int | None = None, limits=None) -> list[dict]:
-    """Write the batch's PENDING texts as request shards under ``gs://bucket/prefix/job-NNNN/``.
+    """Write the batch's PENDING texts as request shards ``gs://bucket/prefix/input-<job>-<shard>.jsonl``.
 
     Rows the service would refuse (empty, over the text limit) fail here with their reason.
     Returns one ``{"index", "input_uris", "lines", "bytes"}`` per job (several when a job limit is hit).

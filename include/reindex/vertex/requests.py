@@ -223,7 +223,7 @@ def write_request_shards(
 
 
 class GcsShardOpener:
-    """Optional adapter: ``open_shard`` writing ``gs://<bucket>/<prefix>/job-0000/requests-00000.jsonl``.
+    """Optional adapter: ``open_shard`` writing ``gs://<bucket>/<prefix>/input-0000-00000.jsonl`` (job, shard).
 
     ``bucket`` is a ``google.cloud.storage.Bucket`` (or anything with ``.name`` and ``.blob(name)``
     whose blobs support ``open("wb", chunk_size=...)``). ``chunk_size`` bounds the upload buffer.
@@ -233,7 +233,7 @@ class GcsShardOpener:
         self.bucket, self.prefix, self.chunk_size = bucket, prefix.strip("/"), chunk_size
 
     def object_name(self, job: int, shard: int) -> str:
-        return f"{self.prefix}/job-{job:04d}/requests-{shard:05d}.jsonl"
+        return f"{self.prefix}/input-{job:04d}-{shard:05d}.jsonl"
 
     def uri(self, job: int, shard: int) -> str:
         return f"gs://{self.bucket.name}/{self.object_name(job, shard)}"
