@@ -160,3 +160,27 @@ def test_ivfflat_index(store, emb):
     index = build_index(store, emb, IndexType.IVFFLAT)
     (indexdef,) = store.one("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,))
     assert "ivfflat" in indexdef
+
+
+def test_retry_claims_only_retriable_failures_and_repairs_them(store, emb):
+    _scan(store, "kb", "b1", {"d1": ["alpha beta gamma delta", "bad\x07text", "fine", "gone", "busy"]})
+    with store.conn.transaction():
+        batches.create_batch(store, "b1", "kb", "local", SPEC.checksum)
+        batches.claim_stale_chunks(store, "kb", "b1", emb)
+    pk = {r[0]: r[4] for r in _chunks(store, "kb")}
+    mark_failed(store, [(pk["d1#0"], ErrorCode.TOO_LONG, "too long"),
+                        (pk["d1#1"], ErrorCode.INVALID_CHARACTERS, "invalid characters"),
+                        (pk["d1#3"], ErrorCode.INVALID_INPUT, "400 bad request"),
+                        (pk["d1#4"], ErrorCode.RATE_LIMITED, "429")])
+    with store.conn.transaction():
+        batches.create_batch(store, "r1", "kb", "local", SPEC.checksum, kind="retry", parent_batch_id="b1")
+        claim = batches.claim_retriable(store, "b1", "r1")
+    assert claim["terminal"] == 1 and claim["delay_seconds"] == 5
+    assert claim["actions"] == {"RESPLIT": 1, "SANITIZE": 1, "BACKOFF": 1}
+    rows = {r[0]: r for r in _chunks(store, "kb")}
+    texts = dict(store.execute(sql.SQL("SELECT chunk_id, text FROM {} WHERE batch_id = 'r1'").format(
+        store.t("chunks"))).fetchall())
+    assert texts == {"d1#0": "alpha beta", "d1#0.1": "gamma delta", "d1#1": "badtext", "d1#4": "busy"}
+    assert rows["d1#1"][3] == content_sha256("badtext")  # sanitized text, new hash
+    assert rows["d1#3"][1:3] == ("FAILED", "INVALID_INPUT")  # terminal: left as it was
+    assert claim["pending"] == 4

@@ -111,6 +111,22 @@ def _resplit(store: Store, batch_id: str, pks: list[int]) -> tuple[list[int], li
     return done, unsplittable
 
 
+def _sanitize(store: Store, pks: list[int]) -> int:
+    """Sanitize the texts of chunks refused for invalid characters (those that change get a new hash)."""
+    from reindex.chunking import content_sha256
+    from reindex.sanitize import sanitize_text
+
+    changed = 0
+    for pk, text in store.execute(sql.SQL("SELECT id, text FROM {} WHERE id = ANY(%s)").format(store.t("chunks")),
+                                  (pks,)).fetchall():
+        clean = sanitize_text(text)
+        if clean != text:
+            store.execute(sql.SQL("UPDATE {} SET text = %s, content_sha256 = %s WHERE id = %s").format(
+                store.t("chunks")), (clean, content_sha256(clean), pk))
+            changed += 1
+    return changed
+
+
 def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: RetryPolicy | None = None) -> dict:
     """Move the retriable FAILED chunks of ``parent_batch_id`` into the retry batch ``batch_id``.
 
@@ -125,6 +141,7 @@ def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: R
         chunks=t("chunks")), (parent_batch_id,)).fetchall()
     ids: list[int] = []
     resplit: list[int] = []
+    sanitize: list[int] = []
     actions: dict[str, int] = {}
     delay = 0.0
     terminal = 0
@@ -134,12 +151,16 @@ def claim_retriable(store: Store, parent_batch_id: str, batch_id: str, policy: R
             terminal += len(pks)
             continue
         (resplit if d.action == RetryAction.RESPLIT else ids).extend(pks)
+        if d.action == RetryAction.SANITIZE:
+            sanitize.extend(pks)
         actions[d.action.value] = actions.get(d.action.value, 0) + len(pks)
         delay = max(delay, d.delay_seconds)
     if ids:
         store.execute(sql.SQL("""UPDATE {chunks} SET batch_id = %s, embedding_status = 'PENDING',
             retry_count = retry_count + 1, updated_at = now() WHERE id = ANY(%s)""").format(chunks=t("chunks")),
             (batch_id, ids))
+    if sanitize:
+        _sanitize(store, sanitize)
     if resplit:
         pieces, unsplittable = _resplit(store, batch_id, resplit)
         ids += pieces
