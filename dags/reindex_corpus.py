@@ -57,7 +57,10 @@ SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "include" / "sample_co
         "backend": Param(Backend.LOCAL.value, type="string", enum=[b.value for b in Backend],
                          description="Where embeddings are computed: local sentence-transformers or Vertex batch."),
         "model": Param(DEFAULT_MODEL, type="string", minLength=1,
-                       description="sentence-transformers model name (local cache) or path; default is bundled."),
+                       description="local: sentence-transformers name (local cache) or path, default bundled; "
+                                   "vertex: text-embedding-005, text-multilingual-embedding-002, gemini-embedding-001."),
+        "output_dimensionality": Param(None, type=["null", "integer"], minimum=1, maximum=3072,
+                                       description="Vertex only: vector size asked of the model (empty: its default)."),
         "max_tokens": Param(200, type="integer", minimum=MAX_TOKENS_RANGE[0], maximum=MAX_TOKENS_RANGE[1],
                             description="Most tokens per chunk (model tokenizer, special tokens excluded)."),
         "overlap_tokens": Param(32, type="integer", minimum=0, maximum=MAX_TOKENS_RANGE[1] // 2,

@@ -69,6 +69,7 @@ print(json.dumps({{"parse": t2 - t1, "errors": len(bag.import_errors), "heavy": 
         ({"backend": "openai"}, "param backend: 'openai' is not one of"),
         ({"max_tokens": 5}, "param max_tokens: 5 is less than the minimum of 16"),
         ({"partition_size": 0}, "param partition_size"),
+        ({"output_dimensionality": 0}, "param output_dimensionality"),
     ],
 )
 def test_invalid_params_are_rejected_before_the_run(dagbag, conf, message):
