@@ -65,7 +65,10 @@ class SubmitVertexBatchOperator(BaseOperator):
                       (names, batch_id))
 
     def execute(self, context) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from reindex.config import ReindexConfig
+        from reindex.errors import ConfigError
         from reindex.vertex import jobs
         from reindex.vertex.batch import batch_prefix, write_requests
         from reindex.vertex.formats import family_for
@@ -74,8 +77,11 @@ class SubmitVertexBatchOperator(BaseOperator):
 
         m = self.manifest
         batch_id = m["batch_id"]
-        cfg = ReindexConfig.from_mapping(m["config"])
-        s = self.settings
+        try:
+            cfg = ReindexConfig.from_mapping(m["config"])
+            s = self.settings
+        except ConfigError as e:  # no task retry can fix configuration
+            raise AirflowFailException(str(e)) from e
         with PgVectorHook().store() as store:
             names = self._recorded(context, store, batch_id)
             if names:

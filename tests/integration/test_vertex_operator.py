@@ -184,3 +184,12 @@ def test_job_state_matrix(env, manifest, store_uri, outcome, expected_state, bat
         summary = summarize_batch(store, manifest["batch_id"])
     assert summary.status.value == batch_status
     assert summary.total == 5
+
+
+def test_missing_project_fails_for_good_with_a_clear_message(manifest, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.delenv("REINDEX_VERTEX_PROJECT")
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    with pytest.raises(AirflowFailException, match="needs a project: set REINDEX_VERTEX_PROJECT"):
+        _operator(manifest).execute({"task_state_store": StateStore()})
