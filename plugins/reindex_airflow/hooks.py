@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -54,21 +55,16 @@ class PgVectorHook(BaseHook):
 
         return psycopg.connect(self.conninfo(), autocommit=True)
 
+    @contextmanager
     def store(self):
-        """A context-managed ``reindex.store.Store`` on a fresh connection."""
-        from contextlib import contextmanager
-
+        """A ``reindex.store.Store`` on a fresh connection, closed on exit."""
         from reindex.store import Store
 
-        @contextmanager
-        def _store():
-            conn = self.get_conn()
-            try:
-                yield Store(conn, self.store_schema)
-            finally:
-                conn.close()
-
-        return _store()
+        conn = self.get_conn()
+        try:
+            yield Store(conn, self.store_schema)
+        finally:
+            conn.close()
 
 
 class VertexBatchHook(BaseHook):

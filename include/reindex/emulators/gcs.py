@@ -99,9 +99,27 @@ def anonymous_client(url: str | None = None, project: str = "emulator"):
     return storage.Client(project=project, credentials=AnonymousCredentials(), client_options=options)
 
 
+def serve_until_stopped(*stops: Callable[[], None]) -> None:
+    """Block until Ctrl-C or SIGTERM (``docker stop``), then run ``stops`` in order."""
+    import signal
+    import time
+
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stop in stops:
+            stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(prog="python -m reindex.emulators.gcs", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -113,13 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     url, stop = start_gcs_emulator(args.host, args.port, buckets=args.bucket, data_dir=args.data_dir,
                                    set_env=False)
     print(f"GCS emulator on {url}  (export {ENV_VAR}={url})", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop()
+    serve_until_stopped(stop)
 
 
 if __name__ == "__main__":

@@ -1280,15 +1280,9 @@ def main(argv: list[str] | None = None) -> None:
     emulator = VertexEmulator(config, host=args.host, port=args.port, gcs_host=gcs_host).start()
     print(f"Vertex emulator on {emulator.endpoint} (embedder={config.embedder}, gcs={gcs_host or 'real GCS'})",
           flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        emulator.stop()
-        if stop_gcs:
-            stop_gcs()
+    from reindex.emulators.gcs import serve_until_stopped
+
+    serve_until_stopped(emulator.stop, *([stop_gcs] if stop_gcs else []))
 
 
 if __name__ == "__main__":
