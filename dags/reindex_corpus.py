@@ -8,7 +8,7 @@ into the corpus's vector table, build the cosine index, and close the batch as
 | task | what it does |
 |---|---|
 | `ensure_schema` | validates Params, migrates the store schema, registers the model and its vector table |
-| `chunk_corpus` | streams the corpus (.txt/.md/.jsonl/.parquet), sanitizes, chunks, merges documents and chunks; only chunks without a current vector are claimed |
+| `chunk_corpus` | takes the corpus's lease (waits or fails if another run writes it), streams the corpus (.txt/.md/.jsonl/.parquet), sanitizes, chunks new and changed documents only, merges documents and chunks (deleted documents lose theirs); a chunk whose text already has a vector is reused, only the rest are claimed |
 | `plan_partitions` | splits the claimed chunks into id ranges (≤ 256 mapped tasks) |
 | `encode_partition` | mapped: encodes a range and loads its vectors; failures are recorded per chunk |
 | `build_index` | HNSW (or IVFFlat) cosine index after the load, then ANALYZE |
@@ -27,13 +27,16 @@ from pathlib import Path
 from airflow.sdk import Param, dag, task
 
 from reindex.config import (
+    BUSY_WAIT_RANGE,
     CORPUS_NAME_PATTERN,
     DEFAULT_MODEL,
     ENCODE_BATCH_RANGE,
+    IVFFLAT_LISTS_RANGE,
     MAX_TOKENS_RANGE,
     PARTITION_SIZE_RANGE,
     Backend,
     IndexType,
+    OnBusy,
 )
 from reindex_airflow import tasks as t
 from reindex_airflow.wiring import embed_and_close
@@ -56,9 +59,12 @@ SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "include" / "sample_co
                         description="Lower-case letter, then letters, digits or '_' (at most 63)."),
         "backend": Param(Backend.LOCAL.value, type="string", enum=[b.value for b in Backend],
                          description="Where embeddings are computed: local sentence-transformers or Vertex batch."),
-        "model": Param(DEFAULT_MODEL, type="string", minLength=1,
-                       description="local: sentence-transformers name (local cache) or path, default bundled; "
-                                   "vertex: text-embedding-005, text-multilingual-embedding-002, gemini-embedding-001."),
+        "model": Param("", type="string",
+                       description="Empty: the corpus's active model (a new corpus gets the bundled "
+                                   f"{DEFAULT_MODEL} locally, text-embedding-005 on Vertex). local: "
+                                   "sentence-transformers name (local cache) or path; vertex: text-embedding-005, "
+                                   "text-multilingual-embedding-002, gemini-embedding-001. A corpus changes model "
+                                   "only through reindex_model_upgrade."),
         "output_dimensionality": Param(None, type=["null", "integer"], minimum=1, maximum=3072,
                                        description="Vertex only: vector size asked of the model (empty: its default)."),
         "max_tokens": Param(200, type="integer", minimum=MAX_TOKENS_RANGE[0], maximum=MAX_TOKENS_RANGE[1],
@@ -72,8 +78,16 @@ SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "include" / "sample_co
                                    description="Texts per forward pass of the local encoder."),
         "index_type": Param(IndexType.HNSW.value, type="string", enum=[i.value for i in IndexType],
                             description="Cosine index built after the load."),
+        "ivfflat_lists": Param(None, type=["null", "integer"], minimum=IVFFLAT_LISTS_RANGE[0],
+                               maximum=IVFFLAT_LISTS_RANGE[1],
+                               description="IVFFlat only: lists (empty: rows/1000, sqrt(rows) above 1M rows)."),
         "force": Param(False, type="boolean",
-                       description="Re-embed every chunk, even those whose vector is current."),
+                       description="Re-chunk every document and re-embed every chunk, even unchanged ones."),
+        "on_busy": Param(OnBusy.WAIT.value, type="string", enum=[o.value for o in OnBusy],
+                         description="When another run is writing this corpus: wait for it (no worker slot "
+                                     "held) or fail at once."),
+        "busy_wait_seconds": Param(3600, type="integer", minimum=BUSY_WAIT_RANGE[0], maximum=BUSY_WAIT_RANGE[1],
+                                   description="on_busy=wait: give up after this long since the run started."),
     },
 )
 def reindex_corpus():

@@ -36,7 +36,8 @@ class LocalBackend:
         if self._encoder is None:
             from reindex.embeddings.local import LocalEncoder
 
-            self._encoder = LocalEncoder(self.cfg.model, batch_size=self.cfg.encode_batch_size)
+            self._encoder = LocalEncoder(self.cfg.model, batch_size=self.cfg.encode_batch_size,
+                                         normalize=self.cfg.normalize)
         return self._encoder
 
     def model_spec(self) -> ModelSpec:

@@ -8,6 +8,7 @@ re-tokenized and shrunk if the re-tokenized text came out longer. Chunk ids are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -29,6 +30,23 @@ class Chunk:
     text: str
     content_sha256: str
     token_count: int
+
+
+# Bump when the chunking algorithm changes: every document is then re-chunked by the next run.
+CHUNKER_VERSION = 1
+
+
+def chunking_signature(tokenizer_path: Path, max_tokens: int, overlap_tokens: int) -> str:
+    """What a document's chunks depend on besides its text: the tokenizer, the sizes, the algorithm.
+
+    A document is re-chunked when its content hash or this signature changes.
+    """
+    return f"v{CHUNKER_VERSION}:{_tokenizer_digest(str(tokenizer_path))}:{max_tokens}:{overlap_tokens}"
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_digest(path: str) -> str:
+    return hashlib.sha256((Path(path) / "tokenizer.json").read_bytes()).hexdigest()[:12]
 
 
 def content_sha256(text: str) -> str:

@@ -20,6 +20,8 @@ MAX_TOKENS_RANGE = (16, 8192)
 PARTITION_SIZE_RANGE = (100, 1_000_000)
 ENCODE_BATCH_RANGE = (1, 4096)
 MAX_PARTITIONS = 256
+IVFFLAT_LISTS_RANGE = (1, 32768)
+BUSY_WAIT_RANGE = (0, 7 * 24 * 3600)
 
 
 class Backend(StrEnum):
@@ -31,6 +33,16 @@ class IndexType(StrEnum):
     HNSW = "hnsw"
     IVFFLAT = "ivfflat"
     NONE = "none"
+
+
+DEFAULT_MODELS = {Backend.LOCAL: DEFAULT_MODEL, Backend.VERTEX: "text-embedding-005"}
+
+
+class OnBusy(StrEnum):
+    """What a run does when another run holds the corpus's lease."""
+
+    WAIT = "wait"  # wait (rescheduled, no worker slot held) up to ``busy_wait_seconds``
+    FAIL = "fail"  # fail at once, naming the run that holds the corpus
 
 
 def _check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
@@ -57,7 +69,7 @@ class ReindexConfig:
     corpus: str
     corpus_uri: str
     backend: Backend = Backend.LOCAL
-    model: str = DEFAULT_MODEL
+    model: str | None = None  # None/empty: the corpus's active model, else DEFAULT_MODELS[backend]
     max_tokens: int = 200
     overlap_tokens: int = 32
     partition_size: int = 2000
@@ -66,6 +78,13 @@ class ReindexConfig:
     force: bool = False
     max_document_bytes: int = 64 * 1024 * 1024
     output_dimensionality: int | None = None  # Vertex: requested vector size (None: the model's default)
+    normalize: bool = True  # local: L2-normalise the vectors (part of the model checksum)
+    ivfflat_lists: int | None = None  # IVFFlat only: lists (None: rows/1000, sqrt(rows) above 1M rows)
+    on_busy: OnBusy = OnBusy.WAIT
+    busy_wait_seconds: int = 3600
+    # When the corpus already has an active model, use it instead of ``model`` (nightly runs: the
+    # configured model only seeds a new corpus; reindex_model_upgrade is how a corpus changes model).
+    follow_active_model: bool = False
 
     def __post_init__(self) -> None:
         validate_corpus_name(self.corpus)
@@ -83,8 +102,12 @@ class ReindexConfig:
             raise ConfigError(
                 f"index_type {self.index_type!r} is not supported: choose one of {[i.value for i in IndexType]}"
             ) from None
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError("model is empty: give a sentence-transformers model name or path")
+        if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
+            # No model named: the corpus's active one, else the backend's default for a new corpus.
+            object.__setattr__(self, "model", DEFAULT_MODELS[self.backend])
+            object.__setattr__(self, "follow_active_model", True)
+        if not isinstance(self.model, str):
+            raise ConfigError(f"model must be a model name or path, got {self.model!r}")
         _check_range("max_tokens", self.max_tokens, MAX_TOKENS_RANGE)
         _check_range("overlap_tokens", self.overlap_tokens, (0, self.max_tokens // 2))
         _check_range("partition_size", self.partition_size, PARTITION_SIZE_RANGE)
@@ -92,6 +115,18 @@ class ReindexConfig:
         _check_range("max_document_bytes", self.max_document_bytes, (1024, 2**31 - 1))
         if self.output_dimensionality is not None:
             _check_range("output_dimensionality", self.output_dimensionality, (1, 3072))
+        if self.ivfflat_lists is not None:
+            _check_range("ivfflat_lists", self.ivfflat_lists, IVFFLAT_LISTS_RANGE)
+        try:
+            object.__setattr__(self, "on_busy", OnBusy(self.on_busy))
+        except ValueError:
+            raise ConfigError(
+                f"on_busy {self.on_busy!r} is not supported: choose one of {[o.value for o in OnBusy]}"
+            ) from None
+        _check_range("busy_wait_seconds", self.busy_wait_seconds, BUSY_WAIT_RANGE)
+        for flag in ("normalize", "force", "follow_active_model"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ReindexConfig:
@@ -103,4 +138,5 @@ class ReindexConfig:
         d = asdict(self)
         d["backend"] = self.backend.value
         d["index_type"] = self.index_type.value
+        d["on_busy"] = self.on_busy.value
         return d

@@ -7,25 +7,28 @@ vectors, so manifests can travel through XCom.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
+from psycopg import sql
 
 from reindex.backends import backend_for
-from reindex.chunking import TokenChunker, load_tokenizer
-from reindex.config import ReindexConfig
+from reindex.chunking import TokenChunker, chunking_signature, load_tokenizer
+from reindex.config import Backend, OnBusy, ReindexConfig
 from reindex.corpus import CorpusPath, CorpusReader, Document, FailedDocument
 from reindex.embeddings.validation import validate_vectors
 from reindex.errors import ConfigError, EmptyCorpusError, ErrorCode, StoreError
 from reindex.status import BatchSummary
-from reindex.store import Store
+from reindex.store import Store, leases
 from reindex.store import batches as batches_store
 from reindex.store.documents import CorpusWriter
 from reindex.store.schema import ensure_schema
 from reindex.store.vectors import (
+    active_model,
     build_index,
     ensure_embedding_store,
     get_embedding_store,
@@ -50,36 +53,119 @@ def check_token_limit(cfg: ReindexConfig, limit: int | None) -> None:
         )
 
 
+def model_config(cfg: ReindexConfig) -> dict:
+    """What the model registry keeps so a later run (nightly, search) can load the same model again."""
+    return {"model": cfg.model, "backend": cfg.backend.value, "output_dimensionality": cfg.output_dimensionality,
+            "normalize": cfg.normalize}
+
+
+def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
+    """The run's model: the corpus's active one when the run follows it, else the one asked for.
+
+    A run may not silently write vectors of another model into a corpus: a corpus changes model
+    only through ``reindex_model_upgrade`` (new store, atomic switch).
+    """
+    active = active_model(store, cfg.corpus)
+    if active is None:
+        return cfg
+    if cfg.follow_active_model:
+        conf = (active["details"] or {}).get("config") or {"model": active["model_id"], "backend": active["backend"]}
+        resolved = dataclasses.replace(
+            cfg, model=conf["model"], backend=Backend(conf["backend"]),
+            output_dimensionality=conf.get("output_dimensionality"), normalize=conf.get("normalize", True))
+        if (resolved.model, resolved.backend) != (cfg.model, cfg.backend):
+            log.info("corpus %s follows its active model %s (%s) rather than %s (%s)", cfg.corpus, resolved.model,
+                     resolved.backend.value, cfg.model, cfg.backend.value)
+        return resolved
+    spec = backend_for(cfg).model_spec()
+    if spec.checksum != active["model_checksum"]:
+        raise ConfigError(
+            f"corpus {cfg.corpus!r} is indexed with model {active['model_id']} ({active['dim']}-d, "
+            f"checksum {active['model_checksum']}), but this run asks for {cfg.model!r} ({spec.dim}-d, checksum "
+            f"{spec.checksum}). Leave `model` empty to use the active model; change a corpus's model with the "
+            "reindex_model_upgrade DAG (it re-embeds into a new store and switches atomically)."
+        )
+    return cfg
+
+
 def prepare(store: Store, cfg: ReindexConfig) -> dict:
-    """Migrate the schema, register the model and its vector table. Returns the model manifest."""
+    """Migrate the schema, resolve and register the model and its vector table.
+
+    Returns the model manifest with the run's resolved ``config``.
+    """
     ensure_schema(store)
+    cfg = resolve_model(store, cfg)
     backend = backend_for(cfg)
     check_token_limit(cfg, backend.token_limit())
     spec = backend.model_spec()
     with store.conn.transaction():
-        emb = ensure_embedding_store(store, cfg.corpus, spec)
-    return {"model": spec.to_dict(), "model_checksum": spec.checksum, "vector_table": emb.table_name}
+        emb = ensure_embedding_store(store, cfg.corpus, spec, config=model_config(cfg))
+    return {"model": spec.to_dict(), "model_checksum": spec.checksum, "vector_table": emb.table_name,
+            "config": cfg.to_dict()}
+
+
+def take_corpus(store: Store, cfg: ReindexConfig, batch_id: str, run_id: str | None = None) -> None:
+    """Take the corpus's lease for ``batch_id``: wait (``on_busy=wait``) or fail at once (``fail``)."""
+    wait = cfg.busy_wait_seconds if cfg.on_busy == OnBusy.WAIT else 0
+    leases.acquire(store, cfg.corpus, batch_id, run_id, wait_seconds=wait)
 
 
 def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id: str, model_checksum: str,
-                 dag_run_id: str | None = None) -> dict:
+                 dag_run_id: str | None = None, block_docs: int = 500, block_bytes: int = 32 << 20) -> dict:
     """Read, sanitize and chunk the corpus; merge documents and chunks; claim stale chunks for the batch.
 
-    Runs in one transaction: a crash leaves the store as it was. Raises ``EmptyCorpusError`` when
-    the corpus has no document at all.
+    Takes the corpus's lease first (see ``take_corpus``). Documents are looked up in blocks: one
+    whose content hash and chunking signature are unchanged is not chunked again and keeps its
+    chunks and vectors. The merge and claim run in one transaction: a crash leaves the store as it
+    was. Raises ``EmptyCorpusError`` when the corpus has no document at all.
     """
     started = time.monotonic()
+    take_corpus(store, cfg, batch_id, dag_run_id)
+    try:
+        manifest = _chunk_and_claim(store, cfg, root, batch_id, model_checksum, dag_run_id, block_docs, block_bytes)
+    except BaseException:
+        leases.release(store, cfg.corpus, batch_id)
+        raise
+    manifest["seconds"] = round(time.monotonic() - started, 3)
+    log.info("chunked corpus %s: %d documents (%d unchanged, %d failed, %d deleted), %d chunks, %d to embed, "
+             "%d reused (%d by content)", cfg.corpus, manifest["documents"], manifest["unchanged_documents"],
+             manifest["failed_documents"], manifest["deleted_documents"], manifest["chunks"], manifest["pending"],
+             manifest["reused"], manifest["reused_by_content"])
+    return manifest
+
+
+def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, model_checksum: str,
+                     dag_run_id: str | None, block_docs: int, block_bytes: int) -> dict:
     backend = backend_for(cfg)
     chunker = TokenChunker(load_tokenizer(backend.tokenizer_path()), cfg.max_tokens, cfg.overlap_tokens)
+    signature = chunking_signature(backend.tokenizer_path(), cfg.max_tokens, cfg.overlap_tokens)
     reader = CorpusReader(root, max_document_bytes=cfg.max_document_bytes)
     seen: set[str] = set()
     duplicates = 0
     failures: list[dict] = []
+    block: list[Document] = []
     with store.conn.transaction():
         emb = get_embedding_store(store, cfg.corpus, model_checksum)
         batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, model_checksum, dag_run_id=dag_run_id)
         writer = CorpusWriter(store, cfg.corpus, batch_id)
         writer.start()
+
+        def flush_block() -> None:
+            stored = {} if cfg.force else writer.stored([d.doc_id for d in block])
+            for doc in block:
+                sha = hashlib.sha256(doc.text.encode()).hexdigest()
+                if stored.get(doc.doc_id) == (sha, signature, "OK"):
+                    writer.add_unchanged(doc, sha, signature)
+                    continue
+                chunks = list(chunker.chunk(doc.doc_id, doc.text))
+                if not chunks:
+                    writer.add_failed(FailedDocument(doc.doc_id, doc.source_uri, ErrorCode.BAD_DOCUMENT,
+                                                     f"{doc.doc_id}: no text to index"))
+                    continue
+                writer.add_document(doc, sha, chunks, signature)
+            block.clear()
+
+        block_size = 0
         for item in reader:
             if item.doc_id in seen:
                 duplicates += 1
@@ -94,14 +180,15 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
                 log.warning("document %s failed: %s", item.doc_id, item.reason)
                 continue
             assert isinstance(item, Document)
-            chunks = list(chunker.chunk(item.doc_id, item.text))
-            if not chunks:
-                writer.add_failed(FailedDocument(item.doc_id, item.source_uri, ErrorCode.BAD_DOCUMENT,
-                                                 f"{item.doc_id}: no text to index"))
-                continue
-            writer.add_document(item, hashlib.sha256(item.text.encode()).hexdigest(), chunks)
-            if writer.counts["documents"] % 10_000 == 0:
-                log.info("chunked %d documents, %d chunks", writer.counts["documents"], writer.counts["chunks"])
+            block.append(item)
+            block_size += len(item.text)
+            if len(block) >= block_docs or block_size >= block_bytes:
+                flush_block()
+                block_size = 0
+            if len(seen) % 10_000 == 0:
+                log.info("read %d documents: %d chunks so far, %d unchanged", len(seen), writer.counts["chunks"],
+                         writer.counts["unchanged_documents"])
+        flush_block()
         if not seen:
             raise EmptyCorpusError(
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no .txt, .md, .jsonl or .parquet document "
@@ -109,7 +196,9 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
             )
         merged = writer.merge()
         claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, force=cfg.force)
-    manifest = {
+    (total_chunks,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(store.t("chunks")),
+                                (cfg.corpus,))
+    return {
         "batch_id": batch_id,
         "corpus": cfg.corpus,
         "model_checksum": model_checksum,
@@ -117,20 +206,17 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
         "files": reader.stats["files"],
         "skipped_files": reader.stats["skipped_files"],
         "documents": merged.documents,
+        "unchanged_documents": merged.unchanged_documents,
         "failed_documents": merged.failed_documents,
         "duplicate_documents": duplicates,
         "document_failures": failures,
-        "chunks": merged.chunks,
+        "chunks": total_chunks,
+        "rechunked_chunks": merged.chunks,
         "changed_chunks": merged.changed_chunks,
         "deleted_documents": merged.deleted_documents,
         "deleted_chunks": merged.deleted_chunks,
-        "pending": claim["pending"],
-        "reused": claim["reused"],
-        "seconds": round(time.monotonic() - started, 3),
+        **claim,
     }
-    log.info("chunked corpus %s: %d documents (%d failed), %d chunks, %d to embed, %d reused",
-             cfg.corpus, merged.documents, merged.failed_documents, merged.chunks, claim["pending"], claim["reused"])
-    return manifest
 
 
 def plan(store: Store, cfg: ReindexConfig, batch_id: str) -> list[dict]:
@@ -192,9 +278,68 @@ def encode_partition(store: Store, cfg: ReindexConfig, partition: dict, *, model
 def finish_batch(store: Store, cfg: ReindexConfig, batch_id: str, model_checksum: str) -> BatchSummary:
     """Build the cosine index (after the load) and ANALYZE, then close the batch with its status."""
     emb = get_embedding_store(store, cfg.corpus, model_checksum)
-    build_index(store, emb, cfg.index_type)
+    build_index(store, emb, cfg.index_type, ivfflat_lists=cfg.ivfflat_lists)
     with store.conn.transaction():
         summary = batches_store.summarize_batch(store, batch_id)
     log.info("batch %s %s: %d/%d READY, %d FAILED %s", batch_id, summary.status.value, summary.ready,
              summary.total, summary.failed, summary.counts_by_reason or "")
     return summary
+
+
+# --- model upgrade ------------------------------------------------------------------------------
+
+def prepare_upgrade(store: Store, cfg: ReindexConfig, *, batch_id: str, dim: int | None = None,
+                    dag_run_id: str | None = None) -> dict:
+    """Open an upgrade batch: register the target model and its new (BUILDING) store, take the
+    corpus's lease, and claim every chunk without a current vector in the target store.
+
+    Resumable: rows an earlier (failed or killed) upgrade already loaded into the target store are
+    current and are not claimed again. Returns a batch manifest for the embed tasks.
+    """
+    ensure_schema(store)
+    t = store.t
+    row = store.one(sql.SQL("SELECT count(*), max(token_count) FROM {} WHERE corpus = %s").format(t("chunks")),
+                    (cfg.corpus,))
+    if not row[0]:
+        raise ConfigError(f"corpus {cfg.corpus!r} has no chunks to upgrade: index it with reindex_corpus first")
+    active = active_model(store, cfg.corpus)
+    backend = backend_for(cfg)
+    spec = backend.model_spec()
+    if dim is not None and spec.dim != dim:
+        raise ConfigError(f"target model {cfg.model!r} makes {spec.dim}-d vectors, not the dimension={dim} asked for")
+    limit = backend.token_limit()
+    if limit is not None and row[1] > limit:
+        raise ConfigError(f"corpus {cfg.corpus!r} has chunks of up to {row[1]} tokens; target model {cfg.model!r} "
+                          f"takes at most {limit}: re-chunk first (reindex_corpus with a smaller max_tokens, force)")
+    take_corpus(store, cfg, batch_id, dag_run_id)
+    try:
+        with store.conn.transaction():
+            emb = ensure_embedding_store(store, cfg.corpus, spec, activate=False, config=model_config(cfg))
+            batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, spec.checksum, kind="upgrade",
+                                       dag_run_id=dag_run_id)
+            claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, keep_content_failures=False)
+            batches_store.update_details(store, batch_id, {
+                "config": cfg.to_dict(), "previous_model_checksum": active and active["model_checksum"]})
+    except BaseException:
+        leases.release(store, cfg.corpus, batch_id)
+        raise
+    log.info("upgrade %s of corpus %s to %s (%d-d, %s): %d chunks to embed, %d already done", batch_id, cfg.corpus,
+             spec.model_id, spec.dim, spec.checksum, claim["pending"], claim["reused"])
+    return {"batch_id": batch_id, "corpus": cfg.corpus, "kind": "upgrade", "model": spec.to_dict(),
+            "model_checksum": spec.checksum, "vector_table": emb.table_name,
+            "previous_model_checksum": active and active["model_checksum"], "chunks": row[0], **claim}
+
+
+def finish_upgrade(store: Store, corpus: str, batch_id: str, model_checksum: str, *,
+                   retention_seconds: float) -> dict:
+    """Switch the corpus to the upgraded store atomically, give the lease back and drop stores
+    retired for longer than ``retention_seconds``."""
+    from reindex.store.vectors import drop_retired_stores, switch_active_store
+
+    try:
+        previous = switch_active_store(store, corpus, model_checksum)
+    finally:
+        leases.release(store, corpus, batch_id)
+    dropped = drop_retired_stores(store, corpus, retention_seconds=retention_seconds)
+    return {"corpus": corpus, "active_model_checksum": model_checksum, "previous_model_checksum": previous,
+            "dropped_tables": dropped}

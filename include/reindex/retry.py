@@ -80,3 +80,9 @@ def decide(code: str | None, retry_count: int, policy: RetryPolicy = RetryPolicy
 def retriable_codes(retry_count: int, policy: RetryPolicy = RetryPolicy()) -> list[str]:
     """Error codes that are still retriable after ``retry_count`` retries (for SQL filters)."""
     return [c.value for c in ErrorCode if decide(c.value, retry_count, policy).retriable]
+
+
+# Failures caused by the text itself: re-sending the same text to the same model cannot help, so
+# a later run leaves such a chunk FAILED until its text or the model changes (or ``force``).
+CONTENT_CODES = frozenset({ErrorCode.TOO_LONG, ErrorCode.INVALID_CHARACTERS, ErrorCode.INVALID_INPUT,
+                           ErrorCode.ENCODER_ERROR})

@@ -49,6 +49,12 @@ class BatchSummary:
     counts_by_reason: dict[str, int] = field(default_factory=dict)
     sample_errors: list[dict] = field(default_factory=list)
     seconds: float | None = None
+    kind: str = "full"
+    encoded: int = 0  # chunks embedded by this batch (encoder inputs or batch-job lines)
+    jobs_submitted: int = 0
+    reused_by_content: int = 0
+    kept_failed: int = 0
+    message: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)

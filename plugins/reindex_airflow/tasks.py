@@ -67,16 +67,42 @@ def ensure_schema(params: dict | None = None) -> dict:
         return pipeline.prepare(store, cfg)
 
 
-def chunk_corpus(prepared: dict, params: dict | None = None, dag_run=None) -> dict:
-    """Read, sanitize and chunk the corpus into chunk rows; claim the chunks that need vectors.
+def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
+    """Take the corpus's lease for this run, or wait for it without holding a worker slot.
 
-    Returns the batch manifest (ids and counts only).
+    ``on_busy=wait``: the task is rescheduled (``UP_FOR_RESCHEDULE``) every
+    ``REINDEX_LEASE_POLL_SECONDS`` until the lease is free, failing after ``busy_wait_seconds``
+    from the run's start. ``on_busy=fail``: the task fails at once, naming the run that holds it.
+    """
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from reindex.config import OnBusy
+    from reindex.store import leases
+
+    holder = leases.try_acquire(store, cfg.corpus, batch_id, dag_run.run_id if dag_run else None)
+    if holder is None:
+        return
+    waited = (datetime.now(UTC) - dag_run.start_date).total_seconds() if dag_run and dag_run.start_date else 0.0
+    if cfg.on_busy == OnBusy.FAIL:
+        raise AirflowFailException(leases.busy_message(cfg.corpus, holder))
+    if waited >= cfg.busy_wait_seconds:
+        raise AirflowFailException(leases.busy_message(cfg.corpus, holder, waited))
+    poll = float(os.environ.get("REINDEX_LEASE_POLL_SECONDS", "30"))
+    log.info("corpus %s is busy (batch %s of run %s); checking again in %.0f s", cfg.corpus, holder.batch_id,
+             holder.run_id, poll)
+    raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=poll))
+
+
+def chunk_corpus(prepared: dict, dag_run=None) -> dict:
+    """Take the corpus's lease, then read, sanitize and chunk the corpus (unchanged documents are
+    skipped) and claim the chunks that need vectors. Returns the batch manifest (ids and counts only).
     """
     from reindex import pipeline
 
-    cfg = config_from(params or {})
+    cfg = config_from(prepared["config"])
     batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
     with PgVectorHook().store() as store, _terminal_errors():
+        _take_corpus(store, cfg, batch_id, dag_run)
         manifest = pipeline.chunk_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
                                          model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id)
         _remember_config(store, batch_id, cfg)
@@ -102,9 +128,11 @@ def plan_partitions(manifest: dict) -> list[dict]:
 def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
     from reindex import pipeline
+    from reindex.store.leases import heartbeat
 
     cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store:
+        heartbeat(store, cfg.corpus, manifest["batch_id"])
         return pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
 
 
@@ -115,7 +143,8 @@ def build_index(manifest: dict, params: dict | None = None) -> str | None:
 
     cfg = config_from(manifest.get("config") or params or {})
     with PgVectorHook().store() as store:
-        return _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type)
+        return _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type,
+                      ivfflat_lists=cfg.ivfflat_lists)
 
 
 def choose_backend(manifest: dict) -> str:
@@ -174,12 +203,12 @@ def summarize(manifest: dict) -> dict:
     from reindex.store.batches import summarize_batch
 
     with PgVectorHook().store() as store, store.conn.transaction():
-        summary = summarize_batch(store, manifest["batch_id"])
+        # An upgrade keeps the corpus's lease until its switch (or its failure) is done.
+        summary = summarize_batch(store, manifest["batch_id"], release_lease=manifest.get("kind") != "upgrade")
     out = summary.to_dict()
-    out.update({k: manifest[k] for k in ("documents", "failed_documents", "chunks") if k in manifest})
-    log.info("batch %s: %s — %d/%d READY, %d FAILED, %d retriable, reasons %s", summary.batch_id,
-             summary.status.value, summary.ready, summary.total, summary.failed, summary.retriable,
-             summary.counts_by_reason)
+    out.update({k: manifest[k] for k in ("documents", "unchanged_documents", "failed_documents", "deleted_documents",
+                                         "chunks") if k in manifest})
+    log.info("batch %s [%s] %s: %s", summary.batch_id, summary.kind, summary.status.value, summary.message)
     return out
 
 
@@ -220,11 +249,14 @@ def claim_retry(params: dict | None = None, dag_run=None) -> dict:
             raise AirflowFailException(f"batch_id {parent_id!r} does not exist in the store")
         config = parent["details"].get("config") or {}
         batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, parent["corpus"])
+        cfg = config_from(config)
+        with _terminal_errors():
+            _take_corpus(store, cfg, batch_id, dag_run)
         with store.conn.transaction():
             create_batch(store, batch_id, parent["corpus"], parent["backend"], parent["model_checksum"],
                          kind="retry", parent_batch_id=parent_id, dag_run_id=dag_run.run_id)
             claim = claim_retriable(store, parent_id, batch_id)
-            _remember_config(store, batch_id, config_from(config))
+            _remember_config(store, batch_id, cfg)
     retry_at = datetime.now(UTC) + timedelta(seconds=claim["delay_seconds"])
     log.info("retry batch %s for %s: %d chunks to resubmit %s, %d stay FAILED; resubmitting at %s", batch_id,
              parent_id, claim["pending"], claim["actions"], claim["terminal"], retry_at.isoformat())
@@ -232,3 +264,71 @@ def claim_retry(params: dict | None = None, dag_run=None) -> dict:
             "model_checksum": parent["model_checksum"], "config": config, "retry_at": retry_at.isoformat(), **claim}
 
 
+
+
+# --- reindex_model_upgrade -----------------------------------------------------------------------
+
+def upgrade_config(params: dict):
+    """The target model's run configuration from the upgrade's Params."""
+    p = dict(params)
+    dim = p.pop("dimension", None)
+    p.pop("retention_hours", None)
+    p.pop("max_failed", None)
+    if p.get("backend") == "vertex" and dim is not None:
+        p["output_dimensionality"] = dim
+    p.setdefault("corpus_uri", "store")  # an upgrade re-embeds the stored chunks; it reads no corpus
+    return config_from(p)
+
+
+def prepare_upgrade(params: dict | None = None, dag_run=None) -> dict:
+    """Register the target model and its new store, take the corpus's lease, claim the stale chunks."""
+    from reindex import pipeline
+    from reindex.store.schema import ensure_schema as _migrate
+
+    params = dict(params or {})
+    cfg = upgrade_config(params)
+    batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
+    with PgVectorHook().store() as store, _terminal_errors():
+        _migrate(store)
+        _take_corpus(store, cfg, batch_id, dag_run)
+        manifest = pipeline.prepare_upgrade(store, cfg, batch_id=batch_id, dim=params.get("dimension"),
+                                            dag_run_id=dag_run.run_id)
+    return {**manifest, "config": cfg.to_dict()}
+
+
+def choose_upgrade_step(summary: dict, params: dict | None = None) -> str:
+    """Switch when every stale chunk got its new vector (or at most ``max_failed`` did not)."""
+    allowed = int((params or {}).get("max_failed") or 0)
+    if summary["status"] != "FAILED" and summary["failed"] <= allowed:
+        return "switch_model"
+    return "fail_upgrade"
+
+
+def switch_model(manifest: dict, params: dict | None = None) -> dict:
+    """Make the upgraded store the corpus's active one (atomic), then drop stores past retention."""
+    from reindex import pipeline
+
+    hours = (params or {}).get("retention_hours")
+    if hours is None:
+        hours = float(os.environ.get("REINDEX_STORE_RETENTION_HOURS", "168"))
+    with PgVectorHook().store() as store:
+        out = pipeline.finish_upgrade(store, manifest["corpus"], manifest["batch_id"], manifest["model_checksum"],
+                                      retention_seconds=float(hours) * 3600)
+    log.info("corpus %s now served by %s (was %s); dropped %s", out["corpus"], out["active_model_checksum"],
+             out["previous_model_checksum"], out["dropped_tables"] or "nothing")
+    return out
+
+
+def fail_upgrade(summary: dict, manifest: dict) -> None:
+    """Keep the old model active, give the corpus back, and fail with the reasons; a rerun resumes."""
+    from reindex.store.leases import release
+
+    with PgVectorHook().store() as store:
+        release(store, manifest["corpus"], manifest["batch_id"])
+    reasons = "; ".join(f"{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
+                        for e in summary.get("sample_errors", [])[:5])
+    raise AirflowFailException(
+        f"upgrade batch {summary['batch_id']} not switched: {summary['failed']} of {summary['total']} chunks have no "
+        f"vector for the target model, by reason {summary.get('counts_by_reason')}. The corpus still serves its "
+        f"previous model. Run the upgrade again to resume (done rows are kept). First errors: {reasons or 'none'}"
+    )

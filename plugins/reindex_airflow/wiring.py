@@ -10,7 +10,7 @@ from reindex_airflow import tasks as t
 from reindex_airflow.operators import SubmitVertexBatchOperator
 
 
-def embed_and_close(manifest, after=None):
+def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     """Route by backend, embed, then build_index → summarize → branch on the batch status.
 
     local: plan_partitions → encode_partition (mapped). vertex: submit_vertex_batch (deferred) →
@@ -18,7 +18,8 @@ def embed_and_close(manifest, after=None):
 
     COMPLETED → ``done``; COMPLETED_WITH_ERRORS with retriable chunks → ``trigger_retry`` (a
     ``reindex_retry`` run for that batch); FAILED → ``fail_batch`` fails the run with the reasons.
-    Returns the summary XComArg.
+    With ``branch_on_status=False`` the caller branches itself (the model upgrade). Returns the
+    summary XComArg.
     """
     route = task.branch(t.choose_backend, task_id="choose_backend")(manifest)
     if after is not None:
@@ -35,6 +36,9 @@ def embed_and_close(manifest, after=None):
     ingested >> closed
     index = task(t.build_index, trigger_rule="all_done")(manifest)
     summary = task(t.summarize, trigger_rule="all_done", retries=0)(manifest)
+    [loaded, closed] >> index >> summary
+    if not branch_on_status:
+        return summary
     branch = task.branch(t.choose_branch, task_id="branch")(summary)
     done = EmptyOperator(task_id="done")
     retry = TriggerDagRunOperator(
@@ -44,6 +48,5 @@ def embed_and_close(manifest, after=None):
         wait_for_completion=False,
     )
     failed = task(t.fail_batch, retries=0)(summary)
-    [loaded, closed] >> index >> summary
     branch >> [done, retry, failed]
     return summary

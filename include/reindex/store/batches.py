@@ -41,27 +41,55 @@ def create_batch(store: Store, batch_id: str, corpus: str, backend: str, model_c
         store.t("batches")), (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id))
 
 
-def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False) -> dict:
-    """Assign to ``batch_id`` every chunk of ``corpus`` without a current vector in ``emb``.
+def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False,
+                       keep_content_failures: bool = True) -> dict:
+    """Assign to ``batch_id`` every chunk of ``corpus`` that needs a vector in ``emb``.
 
-    A chunk has a current vector when its row in ``emb`` carries the chunk's content hash. Those
-    chunks are (re)marked READY and reused; with ``force`` every chunk is re-embedded.
+    A chunk has a current vector when its row in ``emb`` carries the chunk's content hash. Before
+    claiming, a chunk without one gets a copy of any vector in ``emb`` computed from the same text
+    (same content hash, any document of the corpus): embedding reuse, no encode, no submission.
+    Chunks that already failed for their text (``CONTENT_CODES``, retries exhausted) stay FAILED
+    when ``keep_content_failures``. With ``force`` every chunk is re-embedded.
+
+    Returns ``{"pending", "reused", "reused_by_content", "kept_failed"}``.
     """
+    from reindex.retry import CONTENT_CODES
+
     t = store.t
     current = sql.SQL("EXISTS (SELECT 1 FROM {emb} e WHERE e.chunk_pk = c.id AND e.content_sha256 = c.content_sha256)").format(
         emb=t(emb.table_name))
+    by_content = 0
+    if not force:
+        by_content = store.execute(sql.SQL("""INSERT INTO {emb} (chunk_pk, content_sha256, embedding)
+            SELECT DISTINCT ON (c.id) c.id, c.content_sha256, src.embedding
+            FROM {chunks} c JOIN {emb} src ON src.content_sha256 = c.content_sha256 AND src.chunk_pk <> c.id
+            WHERE c.corpus = %s AND NOT {current}
+            ORDER BY c.id
+            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
+                embedding = EXCLUDED.embedding, updated_at = now()""").format(
+            emb=t(emb.table_name), chunks=t("chunks"), current=current), (corpus,)).rowcount
+    keep = sql.SQL("""c.embedding_status = 'FAILED' AND c.error_code = ANY(%s)
+        AND c.retry_count >= (CASE WHEN c.error_code IN ('TOO_LONG', 'INVALID_CHARACTERS') THEN 1 ELSE 0 END)""")
+    kept_codes = sorted(CONTENT_CODES) if keep_content_failures and not force else []
     claimed = store.execute(sql.SQL("""UPDATE {chunks} c SET batch_id = %s, embedding_status = 'PENDING',
             retry_count = 0, error_code = NULL, error_message = NULL, updated_at = now()
-        WHERE c.corpus = %s AND (%s OR NOT {current})""").format(chunks=t("chunks"), current=current),
-        (batch_id, corpus, force)).rowcount
-    store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL, error_message = NULL
-        WHERE c.corpus = %s AND c.embedding_status <> 'READY' AND c.batch_id IS DISTINCT FROM %s AND {current}""").format(
-        chunks=t("chunks"), current=current), (corpus, batch_id))
-    (reused,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s AND batch_id IS DISTINCT FROM %s").format(
-        t("chunks")), (corpus, batch_id))
-    store.execute(sql.SQL("UPDATE {} SET total = %s, reused = %s WHERE batch_id = %s").format(t("batches")),
-                  (claimed, reused, batch_id))
-    return {"pending": claimed, "reused": reused}
+        WHERE c.corpus = %s AND (%s OR (NOT {current} AND NOT ({keep})))""").format(
+        chunks=t("chunks"), current=current, keep=keep), (batch_id, corpus, force, kept_codes)).rowcount
+    if not force:
+        store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
+                error_message = NULL, updated_at = now()
+            WHERE c.corpus = %s AND c.embedding_status <> 'READY' AND {current}""").format(
+            chunks=t("chunks"), current=current), (corpus,))
+    kept_failed = 0
+    if kept_codes:
+        (kept_failed,) = store.one(sql.SQL("SELECT count(*) FROM {chunks} c WHERE c.corpus = %s AND {keep}").format(
+            chunks=t("chunks"), keep=keep), (corpus, kept_codes))
+    (in_corpus,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(t("chunks")), (corpus,))
+    reused = in_corpus - claimed - kept_failed
+    store.execute(sql.SQL("""UPDATE {} SET total = %s, reused = %s, details = details || %s
+        WHERE batch_id = %s""").format(t("batches")),
+        (claimed, reused, Jsonb({"reused_by_content": by_content, "kept_failed": kept_failed}), batch_id))
+    return {"pending": claimed, "reused": reused, "reused_by_content": by_content, "kept_failed": kept_failed}
 
 
 def split_text(text: str) -> tuple[str, str] | None:
@@ -239,16 +267,23 @@ def update_details(store: Store, batch_id: str, details: dict) -> None:
 
 
 def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
-                    policy: RetryPolicy | None = None) -> BatchSummary:
-    """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist."""
+                    policy: RetryPolicy | None = None, release_lease: bool = True) -> BatchSummary:
+    """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist.
+
+    The batch's writes are over, so its corpus lease is released (unless ``release_lease`` is False:
+    an upgrade still has its switch to make).
+    """
+    from reindex.store.leases import release
+
     policy = policy or RetryPolicy.from_env()
     t = store.t
     store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'FAILED', error_code = %s,
             error_message = 'not processed: its partition task did not finish', updated_at = now()
         WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(chunks=t("chunks")),
         (ErrorCode.NOT_PROCESSED.value, batch_id))
-    corpus, reused, started, details = store.one(sql.SQL(
-        "SELECT corpus, reused, started_at, details FROM {} WHERE batch_id = %s").format(t("batches")), (batch_id,))
+    corpus, kind, reused, started, details, job_names = store.one(sql.SQL(
+        "SELECT corpus, kind, reused, started_at, details, job_names FROM {} WHERE batch_id = %s").format(
+        t("batches")), (batch_id,))
     job_failed = job_failed or bool(details.get("job_failed"))
     rows = store.execute(sql.SQL("""SELECT embedding_status, error_code, retry_count, count(*) FROM {chunks}
         WHERE batch_id = %s GROUP BY 1, 2, 3""").format(chunks=t("chunks")), (batch_id,)).fetchall()
@@ -271,12 +306,24 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
     ]
     status = compute_batch_status(total, ready, failed, job_failed=job_failed)
     (seconds,) = store.one("SELECT extract(epoch FROM now() - %s)::float8", (started,))
-    store.execute(sql.SQL("""UPDATE {} SET status = %s, total = %s, ready = %s, failed = %s,
+    by_content, kept = int(details.get("reused_by_content", 0)), int(details.get("kept_failed", 0))
+    if total == 0:
+        message = (f"nothing to embed: 0 chunks encoded, 0 batch jobs submitted; {reused} chunk vector(s) reused"
+                   + (f" ({by_content} by content)" if by_content else "")
+                   + (f", {kept} chunk(s) left FAILED for their text" if kept else ""))
+    else:
+        message = (f"{total} chunk(s) embedded: {ready} READY, {failed} FAILED"
+                   + (f" {by_reason}" if by_reason else "") + f"; {len(job_names)} batch job(s) submitted; "
+                   f"{reused} chunk vector(s) reused" + (f" ({by_content} by content)" if by_content else ""))
+    store.execute(sql.SQL("""UPDATE {} SET status = %s, total = %s, ready = %s, failed = %s, encoded = %s,
             counts_by_reason = %s, finished_at = now(), details = details || %s WHERE batch_id = %s""").format(
-        t("batches")), (status.value, total, ready, failed, Jsonb(by_reason),
-                        Jsonb({"retriable": retriable, "sample_errors": samples}), batch_id))
+        t("batches")), (status.value, total, ready, failed, total, Jsonb(by_reason),
+                        Jsonb({"retriable": retriable, "sample_errors": samples, "message": message}), batch_id))
+    if release_lease:
+        release(store, corpus, batch_id)
     return BatchSummary(batch_id, corpus, status, total, ready, failed, reused, retriable, by_reason, samples,
-                        round(seconds, 3))
+                        round(seconds, 3), kind=kind, encoded=total, jobs_submitted=len(job_names),
+                        reused_by_content=by_content, kept_failed=kept, message=message)
 
 
 def get_batch(store: Store, batch_id: str) -> dict | None:

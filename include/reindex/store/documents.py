@@ -4,6 +4,9 @@ Merge semantics (idempotent, identity-keyed): documents are upserted by ``(corpu
 documents of the corpus that the scan did not see are deleted with their chunks and vectors;
 chunks are upserted by ``(corpus, chunk_id)`` and a chunk whose text changed goes back to
 PENDING; chunks a document no longer has are deleted. Unchanged rows are not rewritten.
+
+Incremental scans: a document whose content hash and chunking signature match the stored ones
+is not chunked again; it is staged as *unchanged* and its chunks (and vectors) are left alone.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class MergeResult:
     changed_chunks: int
     deleted_documents: int
     deleted_chunks: int
+    unchanged_documents: int = 0
 
 
 def ensure_corpus(store: Store, corpus: str) -> None:
@@ -48,20 +52,28 @@ class CorpusWriter:
         self.block_rows = block_rows
         self._docs: list[tuple] = []
         self._chunks: list[tuple] = []
-        self.counts = {"documents": 0, "failed_documents": 0, "chunks": 0}
+        self.counts = {"documents": 0, "failed_documents": 0, "chunks": 0, "unchanged_documents": 0}
 
     def start(self) -> None:
         ensure_corpus(self.store, self.corpus)
         self.store.execute("""CREATE TEMP TABLE stage_docs (
             doc_id text, source_uri text, content_sha256 text, metadata jsonb, status text,
-            error_code text, error_message text, chunk_count integer) ON COMMIT DROP""")
+            error_code text, error_message text, chunk_count integer, chunking text,
+            unchanged boolean) ON COMMIT DROP""")
         self.store.execute("""CREATE TEMP TABLE stage_chunks (
             chunk_id text, doc_id text, ordinal integer, text text, content_sha256 text,
             token_count integer) ON COMMIT DROP""")
 
-    def add_document(self, doc: Document, doc_sha256: str, chunks: list[Chunk]) -> None:
+    def stored(self, doc_ids: list[str]) -> dict[str, tuple[str | None, str | None, str]]:
+        """``doc_id -> (content_sha256, chunking, status)`` of the documents already in the store."""
+        rows = self.store.execute(sql.SQL("""SELECT doc_id, content_sha256, chunking, status FROM {}
+            WHERE corpus = %s AND doc_id = ANY(%s)""").format(self.store.t("documents")),
+            (self.corpus, doc_ids)).fetchall()
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def add_document(self, doc: Document, doc_sha256: str, chunks: list[Chunk], chunking: str | None = None) -> None:
         self._docs.append((doc.doc_id, doc.source_uri, doc_sha256, orjson.dumps(doc.metadata).decode(),
-                           "OK", None, None, len(chunks)))
+                           "OK", None, None, len(chunks), chunking, False))
         self._chunks.extend((c.chunk_id, c.doc_id, c.ordinal, c.text, c.content_sha256, c.token_count)
                             for c in chunks)
         self.counts["documents"] += 1
@@ -69,8 +81,18 @@ class CorpusWriter:
         if len(self._chunks) >= self.block_rows or len(self._docs) >= self.block_rows:
             self.flush()
 
+    def add_unchanged(self, doc: Document, doc_sha256: str, chunking: str) -> None:
+        """A document the store already holds with this content and chunking: keep its rows as they are."""
+        self._docs.append((doc.doc_id, doc.source_uri, doc_sha256, orjson.dumps(doc.metadata).decode(),
+                           "OK", None, None, 0, chunking, True))
+        self.counts["documents"] += 1
+        self.counts["unchanged_documents"] += 1
+        if len(self._docs) >= self.block_rows:
+            self.flush()
+
     def add_failed(self, doc: FailedDocument) -> None:
-        self._docs.append((doc.doc_id, doc.source_uri, None, "{}", "FAILED", str(doc.error_code), doc.reason, 0))
+        self._docs.append((doc.doc_id, doc.source_uri, None, "{}", "FAILED", str(doc.error_code), doc.reason, 0,
+                           None, False))
         self.counts["failed_documents"] += 1
 
     def flush(self) -> None:
@@ -90,25 +112,33 @@ class CorpusWriter:
         self.flush()
         s, t, corpus, batch = self.store, self.store.t, self.corpus, self.batch_id
         s.execute("CREATE INDEX ON stage_chunks (chunk_id)")
+        s.execute("CREATE INDEX ON stage_docs (doc_id)")
         s.execute("ANALYZE stage_docs")
         s.execute("ANALYZE stage_chunks")
+        gone_chunks = s.execute(
+            sql.SQL("""DELETE FROM {chunks} c WHERE c.corpus = %s
+                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = c.doc_id)""").format(
+                chunks=t("chunks")), (corpus,)).rowcount
         deleted_docs = s.execute(
             sql.SQL("""DELETE FROM {documents} d WHERE d.corpus = %s
                 AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)""").format(
                 documents=t("documents")), (corpus,)).rowcount
         s.execute(
             sql.SQL("""INSERT INTO {documents} AS d (corpus, doc_id, source_uri, content_sha256, metadata,
-                    status, error_code, error_message, chunk_count, last_batch_id)
+                    status, error_code, error_message, chunk_count, chunking, last_batch_id)
                 SELECT %s, doc_id, source_uri, content_sha256, metadata, status, error_code, error_message,
-                    chunk_count, %s FROM stage_docs
+                    chunk_count, chunking, %s FROM stage_docs WHERE NOT unchanged
                 ON CONFLICT (corpus, doc_id) DO UPDATE SET
                     source_uri = EXCLUDED.source_uri, content_sha256 = EXCLUDED.content_sha256,
                     metadata = EXCLUDED.metadata, status = EXCLUDED.status,
                     error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
-                    chunk_count = EXCLUDED.chunk_count, last_batch_id = EXCLUDED.last_batch_id,
-                    updated_at = now()""").format(documents=t("documents")), (corpus, batch))
+                    chunk_count = EXCLUDED.chunk_count, chunking = EXCLUDED.chunking,
+                    last_batch_id = EXCLUDED.last_batch_id, updated_at = now()""").format(documents=t("documents")),
+            (corpus, batch))
+        # Chunks of re-chunked (changed or failed) documents that the new chunking no longer has.
         deleted_chunks = s.execute(
-            sql.SQL("""DELETE FROM {chunks} c WHERE c.corpus = %s
+            sql.SQL("""DELETE FROM {chunks} c USING stage_docs d WHERE c.corpus = %s
+                AND c.doc_id = d.doc_id AND NOT d.unchanged
                 AND NOT EXISTS (SELECT 1 FROM stage_chunks s WHERE s.chunk_id = c.chunk_id)""").format(
                 chunks=t("chunks")), (corpus,)).rowcount
         changed = s.execute(
@@ -131,5 +161,6 @@ class CorpusWriter:
             chunks=self.counts["chunks"],
             changed_chunks=changed,
             deleted_documents=deleted_docs,
-            deleted_chunks=deleted_chunks,
+            deleted_chunks=deleted_chunks + gone_chunks,
+            unchanged_documents=self.counts["unchanged_documents"],
         )

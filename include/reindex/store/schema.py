@@ -115,8 +115,34 @@ def _v1(store: Store) -> None:
         store.execute(stmt)
 
 
+def _v2(store: Store) -> None:
+    """Corpus lifecycle: incremental chunking, corpus leases, upgrade batches, store retention."""
+    t = store.t
+    for stmt in [
+        sql.SQL("ALTER TABLE {} ADD COLUMN chunking text").format(t("documents")),
+        sql.SQL("""ALTER TABLE {} ADD COLUMN lease_batch_id text, ADD COLUMN lease_run_id text,
+            ADD COLUMN lease_acquired_at timestamptz, ADD COLUMN lease_heartbeat_at timestamptz""").format(
+            t("corpora")),
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT batches_kind_check").format(t("batches")),
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT batches_kind_check CHECK (kind IN ('full', 'retry', 'upgrade'))").format(
+            t("batches")),
+        sql.SQL("ALTER TABLE {} ADD COLUMN encoded integer NOT NULL DEFAULT 0").format(t("batches")),
+        sql.SQL("ALTER TABLE {} DROP CONSTRAINT embedding_stores_status_check").format(t("embedding_stores")),
+        sql.SQL("""ALTER TABLE {} ADD CONSTRAINT embedding_stores_status_check
+            CHECK (status IN ('BUILDING', 'ACTIVE', 'RETIRED', 'DROPPED'))""").format(t("embedding_stores")),
+        sql.SQL("ALTER TABLE {} ADD COLUMN retired_at timestamptz, ADD COLUMN dropped_at timestamptz").format(
+            t("embedding_stores")),
+    ]:
+        store.execute(stmt)
+    # Vector tables made before v2 get the content-hash index that embedding reuse looks up.
+    for (table,) in store.execute(sql.SQL("SELECT table_name FROM {}").format(t("embedding_stores"))).fetchall():
+        store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (content_sha256)").format(
+            sql.Identifier(f"{table[:50]}_sha"), t(table)))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
+    (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
 ]
 
 

@@ -35,27 +35,34 @@ class EmbeddingStore:
     dim: int
 
 
-def register_model(store: Store, spec: ModelSpec) -> None:
+def register_model(store: Store, spec: ModelSpec, config: dict | None = None) -> None:
+    """Record the model in the registry; ``config`` (model name/path, backend, options) is what a later
+    run needs to load it again (a nightly run follows the corpus's active model)."""
     from psycopg.types.json import Jsonb
 
+    details = {"precision": spec.precision, "max_seq_length": spec.max_seq_length}
+    if config:
+        details["config"] = config
     store.execute(
         sql.SQL("""INSERT INTO {} (model_checksum, model_id, revision, dim, normalized, backend, details)
-            VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (model_checksum) DO NOTHING""").format(
-            store.t("models")),
-        (spec.checksum, spec.model_id, spec.revision, spec.dim, spec.normalized, spec.backend,
-         Jsonb({"precision": spec.precision, "max_seq_length": spec.max_seq_length})),
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (model_checksum) DO UPDATE SET details = {}.details || EXCLUDED.details""").format(
+            store.t("models"), store.t("models")),
+        (spec.checksum, spec.model_id, spec.revision, spec.dim, spec.normalized, spec.backend, Jsonb(details)),
     )
 
 
-def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activate: bool = True) -> EmbeddingStore:
+def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activate: bool = True,
+                           config: dict | None = None) -> EmbeddingStore:
     """Create (if missing) the vector table of ``corpus`` for ``spec`` and register it.
 
-    With ``activate`` the store becomes the corpus's active one when the corpus has none yet.
+    With ``activate`` the store becomes the corpus's active one when the corpus has none yet;
+    otherwise it stays BUILDING until ``switch_active_store``.
     """
     from reindex.store.documents import ensure_corpus
 
     table = embedding_table_name(corpus, spec.checksum)
-    register_model(store, spec)
+    register_model(store, spec, config)
     ensure_corpus(store, corpus)
     store.execute(sql.SQL("""CREATE TABLE IF NOT EXISTS {emb} (
             chunk_pk bigint PRIMARY KEY REFERENCES {chunks} (id) ON DELETE CASCADE,
@@ -63,10 +70,13 @@ def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activa
             embedding vector({dim}) NOT NULL,
             updated_at timestamptz NOT NULL DEFAULT now())""").format(
         emb=store.t(table), chunks=store.t("chunks"), dim=sql.Literal(spec.dim)))
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (content_sha256)").format(
+        sql.Identifier(f"{table[:50]}_sha"), store.t(table)))
     store.execute(
         sql.SQL("""INSERT INTO {} (corpus, model_checksum, table_name, dim)
-            VALUES (%s, %s, %s, %s) ON CONFLICT (corpus, model_checksum) DO NOTHING""").format(
-            store.t("embedding_stores")),
+            VALUES (%s, %s, %s, %s) ON CONFLICT (corpus, model_checksum) DO UPDATE
+            SET status = 'BUILDING', retired_at = NULL, dropped_at = NULL
+            WHERE {}.status IN ('RETIRED', 'DROPPED')""").format(store.t("embedding_stores"), store.t("embedding_stores")),
         (corpus, spec.checksum, table, spec.dim),
     )
     if activate:
@@ -82,6 +92,63 @@ def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activa
     return EmbeddingStore(corpus, spec.checksum, table, spec.dim)
 
 
+def active_model(store: Store, corpus: str) -> dict | None:
+    """The corpus's active model: registry row plus the ``config`` it was run with (None for a new corpus)."""
+    cur = store.execute(sql.SQL("""SELECT m.model_checksum, m.model_id, m.revision, m.dim, m.normalized, m.backend,
+            m.details FROM {corpora} c JOIN {models} m ON m.model_checksum = c.active_model_checksum
+        WHERE c.corpus = %s""").format(corpora=store.t("corpora"), models=store.t("models")), (corpus,))
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def switch_active_store(store: Store, corpus: str, model_checksum: str) -> str | None:
+    """Make ``model_checksum``'s store the corpus's active one, atomically (one transaction).
+
+    Searches read the active store per query, so they see the old vectors up to the commit and the
+    new ones (with their index already built) after it. The previous store is RETIRED, kept until
+    ``drop_retired_stores``. Returns the previous active checksum.
+    """
+    t = store.t
+    with store.conn.transaction():
+        row = store.one(sql.SQL("SELECT active_model_checksum FROM {} WHERE corpus = %s FOR UPDATE").format(
+            t("corpora")), (corpus,))
+        if row is None:
+            raise StoreError(f"corpus {corpus!r} is not in the store")
+        previous = row[0]
+        target = store.one(sql.SQL("SELECT status FROM {} WHERE corpus = %s AND model_checksum = %s").format(
+            t("embedding_stores")), (corpus, model_checksum))
+        if target is None or target[0] == "DROPPED":
+            raise StoreError(f"corpus {corpus!r} has no embedding store for model {model_checksum} to switch to")
+        if previous == model_checksum:
+            return previous
+        store.execute(sql.SQL("""UPDATE {} SET status = 'RETIRED', retired_at = now()
+            WHERE corpus = %s AND model_checksum = %s""").format(t("embedding_stores")), (corpus, previous))
+        store.execute(sql.SQL("""UPDATE {} SET status = 'ACTIVE', activated_at = now(), retired_at = NULL
+            WHERE corpus = %s AND model_checksum = %s""").format(t("embedding_stores")), (corpus, model_checksum))
+        store.execute(sql.SQL("UPDATE {} SET active_model_checksum = %s, updated_at = now() WHERE corpus = %s").format(
+            t("corpora")), (model_checksum, corpus))
+    log.info("corpus %s: active model %s -> %s", corpus, previous, model_checksum)
+    return previous
+
+
+def drop_retired_stores(store: Store, corpus: str | None = None, *, retention_seconds: float) -> list[str]:
+    """DROP the vector tables RETIRED for longer than ``retention_seconds``. Returns the tables dropped."""
+    t = store.t
+    rows = store.execute(sql.SQL("""SELECT corpus, model_checksum, table_name FROM {}
+        WHERE status = 'RETIRED' AND retired_at <= now() - make_interval(secs => %s)
+        AND (%s::text IS NULL OR corpus = %s)""").format(t("embedding_stores")),
+        (retention_seconds, corpus, corpus)).fetchall()
+    dropped = []
+    for c, checksum, table in rows:
+        with store.conn.transaction():
+            store.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(t(table)))
+            store.execute(sql.SQL("""UPDATE {} SET status = 'DROPPED', dropped_at = now(), index_name = NULL
+                WHERE corpus = %s AND model_checksum = %s""").format(t("embedding_stores")), (c, checksum))
+        log.info("dropped retired vector table %s (corpus %s, model %s)", table, c, checksum)
+        dropped.append(table)
+    return dropped
+
+
 def get_embedding_store(store: Store, corpus: str, model_checksum: str | None = None) -> EmbeddingStore:
     """The store of ``model_checksum`` for ``corpus``, or the corpus's active one."""
     if model_checksum is None:
@@ -90,8 +157,8 @@ def get_embedding_store(store: Store, corpus: str, model_checksum: str | None = 
         if row is None or row[0] is None:
             raise StoreError(f"corpus {corpus!r} has no active embedding model yet: run reindex_corpus first")
         model_checksum = row[0]
-    row = store.one(sql.SQL("""SELECT table_name, dim FROM {} WHERE corpus = %s AND model_checksum = %s""").format(
-        store.t("embedding_stores")), (corpus, model_checksum))
+    row = store.one(sql.SQL("""SELECT table_name, dim FROM {} WHERE corpus = %s AND model_checksum = %s
+        AND status <> 'DROPPED'""").format(store.t("embedding_stores")), (corpus, model_checksum))
     if row is None:
         raise StoreError(f"corpus {corpus!r} has no embedding store for model {model_checksum}")
     return EmbeddingStore(corpus, model_checksum, row[0], row[1])
