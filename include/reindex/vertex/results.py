@@ -22,6 +22,13 @@ Per-line outcomes (a bad line fails only itself, never the block):
   text when possible (gemini ``"key":"…"``; classic a complete ``"content":"…"`` string, hashed),
   else ``None``. Every failure message names the source URI and the line's byte offset.
 
+Speed: vector values are never turned into Python floats when ``pysimdjson`` is installed — the
+``"values": [...]`` array of a line is cut out and parsed by simdjson straight into a float64 buffer
+(then cast to float32 like every other path), and orjson parses only the small rest of the line.
+Any line this fast path does not fully recognise is parsed whole by orjson, so results and failure
+messages are the same either way. ``stream_results`` parses in a background thread, a block or two
+ahead of the consumer, so parsing overlaps the database load of the previous block.
+
 Within one block a key is reported once: the first success wins, and failures of a key that
 succeeded in the same block are dropped. Across blocks a key may repeat (duplicate requests, a
 line in both predictions and errors files): the store should never turn a READY chunk back to
@@ -33,7 +40,9 @@ processed (failures with key ``None`` cannot be attributed, so such chunks end u
 from __future__ import annotations
 
 import math
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
@@ -44,8 +53,15 @@ import orjson
 from reindex.errors import ErrorCode
 from reindex.vertex.formats import CLASSIC, GEMINI, Family, content_key
 
+try:  # optional: ~2x faster vector parsing than orjson, no Python float objects
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover - exercised when pysimdjson is not installed
+    _simdjson = None
+
 DEFAULT_BLOCK_LINES = 2000
 DEFAULT_READ_BLOCK = 1 << 20
+DEFAULT_PREFETCH = 1  # blocks parsed ahead of the consumer by stream_results (0: no background thread)
+FAST_VALUES = _simdjson is not None  # cut out and parse "values" arrays with simdjson
 MAX_MESSAGE_CHARS = 500
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +363,49 @@ def _recover_key(raw: bytes, family: Family) -> str | None:
         return None
 
 
+_VALUES = re.compile(rb'"values"\s*:\s*\[')
+
+
+class _ValuesSplitter:
+    """Cut the one ``"values": [...]`` array out of a raw line and parse it with simdjson.
+
+    ``split(raw)`` returns ``(rest, values)``: the line with that array replaced by ``[]`` and the
+    array's numbers as float64, or ``None`` whenever the line is not that simple (no or several
+    ``"values"`` keys, an array holding anything but numbers, nested arrays, invalid JSON numbers
+    such as ``NaN``) — the caller then parses the whole line with orjson. The array ends at its
+    first ``]``, so a nested or string-holding array never parses here.
+    """
+
+    def __init__(self) -> None:
+        self._parser = _simdjson.Parser() if _simdjson is not None else None
+
+    def split(self, raw: bytes) -> tuple[bytes, np.ndarray] | None:
+        if self._parser is None:
+            return None
+        m = _VALUES.search(raw)
+        if m is None:
+            return None
+        start = m.end() - 1
+        end = raw.find(b"]", start)
+        if end < 0:
+            return None
+        rest = raw[:start] + b"[]" + raw[end + 1:]
+        if rest.count(b'"values"') != 1:
+            return None
+        doc = None
+        try:
+            doc = self._parser.parse(raw[start:end + 1])
+            values = np.frombuffer(doc.as_buffer(of_type="d"), dtype=np.float64)
+        except RuntimeError:  # the parser is still referenced: never reuse it
+            self._parser = _simdjson.Parser()
+            return None
+        except (ValueError, TypeError, AttributeError):
+            return None
+        finally:
+            del doc
+        return rest, values
+
+
 def _get(obj, *path):
     """``obj[p0][p1]…`` or None when any step is missing or of the wrong type."""
     for p in path:
@@ -369,6 +428,7 @@ class BlockParser:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.family, self.dim, self._capacity = family, dim, max(1, capacity)
+        self._splitter = _ValuesSplitter()
         self._reset()
 
     def _reset(self) -> None:
@@ -392,15 +452,30 @@ class BlockParser:
             return
         self.lines += 1
         where = f"{source or 'output'} byte {offset}" + (f" line {line_no}" if line_no is not None else "")
+        split = self._splitter.split(raw) if FAST_VALUES else None
+        if split is not None:
+            try:
+                obj = orjson.loads(split[0])
+            except orjson.JSONDecodeError:
+                obj = None  # the whole line is parsed below, for the same message as without the fast path
+            if obj is not None and self._take(obj, where, split[1]):
+                return
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             self._fail(_recover_key(raw, self.family), ErrorCode.MALFORMED_OUTPUT,
                        f"{where}: malformed or truncated JSON ({e})")
             return
+        self._take(obj, where)
+
+    def _take(self, obj, where: str, array: np.ndarray | None = None) -> bool:
+        """Record the outcome of a parsed line. With ``array`` (the fast path's values, cut out of the
+        line) nothing is recorded and False is returned unless the line's values field is that ``[]``."""
         if not isinstance(obj, dict):
+            if array is not None:
+                return False
             self._fail(None, ErrorCode.MALFORMED_OUTPUT, f"{where}: not a JSON object")
-            return
+            return True
         if self.family == CLASSIC:
             content = _get(obj, "instance", "content")
             key = content_key(content) if isinstance(content, str) else None
@@ -411,27 +486,33 @@ class BlockParser:
             key = k if isinstance(k, str) else (str(k) if isinstance(k, int) and not isinstance(k, bool) else None)
             emb = _get(obj, "response", "embedding") or _get(obj, "response", "embeddings", 0)
             missing = "no key" if key is None else "no response.embedding.values"
+        values = emb.get("values") if isinstance(emb, dict) else None
+        if array is not None:
+            if not isinstance(values, list) or values:
+                return False  # the cut-out array was not this line's values: parse the whole line
+            values = array
+        elif not isinstance(values, list):
+            values = None
         error = _error_of(obj)
         if error is not None:
             code, message = error
             self._fail(key, code, f"{where}: {message}")
-            return
-        values = emb.get("values") if isinstance(emb, dict) else None
-        if key is None or not isinstance(values, list):
+            return True
+        if key is None or values is None:
             self._fail(key, ErrorCode.MALFORMED_OUTPUT, f"{where}: {missing}")
-            return
+            return True
         stats = emb.get("statistics")
         if isinstance(stats, dict) and stats.get("truncated") is True:
             self._fail(key, ErrorCode.TOO_LONG,
                        f"{where}: input was truncated by the service (over {stats.get('token_count')} tokens)")
-            return
+            return True
         if len(values) != self.dim:
             self._fail(key, ErrorCode.DIMENSION_MISMATCH,
                        f"{where}: vector has {len(values)} values, expected {self.dim}")
-            return
+            return True
         if key in self._rows:
             self._dups += 1
-            return
+            return True
         n = len(self._keys)
         if self._vectors is None:
             self._vectors = np.empty((self._capacity, self.dim), dtype=np.float32)
@@ -443,11 +524,12 @@ class BlockParser:
             self._vectors[n] = values
         except (TypeError, ValueError) as e:
             self._fail(key, ErrorCode.MALFORMED_OUTPUT, f"{where}: non-numeric vector values ({e})")
-            return
+            return True
         self._keys.append(key)
         self._rows[key] = n
         if isinstance(stats, dict) and isinstance(stats.get("token_count"), int | float):
             self._tokens += int(stats["token_count"])
+        return True
 
     def _fail(self, key: str | None, code: ErrorCode, message: str) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
@@ -489,15 +571,30 @@ def parse_lines(lines: Iterable[tuple[int, bytes]], family: Family, *, dim: int,
 
 def stream_results(open_range: Callable[[ByteRange], BinaryIO], ranges: Iterable[ByteRange], family: Family,
                    dim: int, *, block_lines: int = DEFAULT_BLOCK_LINES,
-                   block_size: int = DEFAULT_READ_BLOCK) -> Iterator[ParsedBlock]:
+                   block_size: int = DEFAULT_READ_BLOCK, prefetch: int | None = None) -> Iterator[ParsedBlock]:
     """Parse ``ranges`` in order, yielding a ``ParsedBlock`` every ``block_lines`` non-blank lines.
 
     ``open_range(r)`` returns a seekable binary file for ``r.uri``; it is closed here. Memory stays
-    flat: one block of vectors (``block_lines × dim`` float32) plus a few read blocks. A block may
-    hold lines of several ranges; the last block may be smaller (no empty block is yielded).
+    flat: a few blocks of vectors (``block_lines × dim`` float32 each) plus a few read blocks. A block
+    may hold lines of several ranges; the last block may be smaller (no empty block is yielded).
+
+    With ``prefetch`` > 0 (default ``DEFAULT_PREFETCH``) the ranges are read and parsed in a
+    background thread, at most ``prefetch`` blocks ahead, so parsing overlaps whatever the consumer
+    does with the previous block (a COPY waits on the server with the GIL released). Blocks and
+    errors arrive in the same order as without it; closing the generator stops the thread.
     """
     if block_lines < 1:
         raise ValueError(f"block_lines must be >= 1, got {block_lines}")
+    blocks = _parse_ranges(open_range, list(ranges), family, dim, block_lines, block_size)
+    depth = DEFAULT_PREFETCH if prefetch is None else prefetch
+    if depth <= 0:
+        yield from blocks
+    else:
+        yield from _prefetched(blocks, depth)
+
+
+def _parse_ranges(open_range, ranges: list[ByteRange], family: Family, dim: int, block_lines: int,
+                  block_size: int) -> Iterator[ParsedBlock]:
     parser = BlockParser(family, dim, capacity=block_lines)
     for r in ranges:
         f = open_range(r)
@@ -511,6 +608,49 @@ def stream_results(open_range: Callable[[ByteRange], BinaryIO], ranges: Iterable
             f.close()
     if parser.pending:
         yield parser.flush()
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run ``items`` in a background thread, ``depth`` items ahead; re-raise its error in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_END, e))
+        finally:
+            items.close()
+
+    thread = threading.Thread(target=produce, name="reindex-result-parser", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
