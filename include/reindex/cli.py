@@ -1,4 +1,4 @@
-"""Command line: ``python -m reindex status --corpus NAME [--json]`` and ``python -m reindex search``.
+"""Command line: ``python -m reindex status|search|unlock --corpus NAME``.
 
 The store is found by ``--dsn``, else ``$REINDEX_STORE_URI``, else the embedded default under
 ``.data/pg`` (started if needed).
@@ -47,6 +47,11 @@ def _status(args) -> int:
         print(f"    FAILED {code}: {n}")
     print(f"  model      {m['model_id']} ({m['dim']}-d, normalized={m['normalized']}, checksum {m['checksum']})")
     print(f"  vectors    {st['vector_table']} (index {st['index']})")
+    for s in st["stores"]:
+        if s["table"] != st["vector_table"]:
+            print(f"             {s['table']} [{s['status']}] {s['dim']}-d (index {s['index']})")
+    if st["lease"]:
+        print(f"  busy       run {st['lease']['run_id']} (batch {st['lease']['batch_id']}) since {st['lease']['since']}")
     if b:
         print(f"  last batch {b['batch_id']} [{b['kind']}, {b['backend']}] {b['status']}: total {b['total']}, "
               f"ready {b['ready']}, failed {b['failed']}, reused {b['reused']}, finished {b['finished_at']}")
@@ -54,21 +59,30 @@ def _status(args) -> int:
 
 
 def _search(args) -> int:
+    from reindex.config import Backend
     from reindex.embeddings.local import LocalEncoder
     from reindex.store import Store, connect
     from reindex.store.search import search
-    from reindex.store.vectors import get_embedding_store
+    from reindex.store.vectors import active_model
 
     with connect(_dsn(args.dsn), autocommit=True) as conn:
         store = Store(conn, args.schema)
-        emb = get_embedding_store(store, args.corpus)
-        model = args.model
-        encoder = LocalEncoder(model)
-        if encoder.spec.checksum != emb.model_checksum:
-            print(f"model {model!r} (checksum {encoder.spec.checksum}) is not the corpus's active model "
-                  f"({emb.model_checksum}); pass --model", file=sys.stderr)
+        active = active_model(store, args.corpus)
+        if active is None:
+            print(f"corpus {args.corpus!r} has no active model: index it first", file=sys.stderr)
             return 2
-        hits = search(store, args.corpus, encoder.encode([args.query])[0], k=args.k)
+        conf = (active["details"] or {}).get("config") or {"model": active["model_id"], "backend": active["backend"]}
+        if args.model is None and conf.get("backend", "local") != Backend.LOCAL.value:
+            print(f"corpus {args.corpus!r} is embedded by {conf['backend']} model {conf['model']}; this command "
+                  "encodes queries locally only", file=sys.stderr)
+            return 2
+        encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True))
+        if encoder.spec.checksum != active["model_checksum"]:
+            print(f"model {encoder.model_name!r} (checksum {encoder.spec.checksum}) is not the corpus's active model "
+                  f"({active['model_checksum']})", file=sys.stderr)
+            return 2
+        hits = search(store, args.corpus, encoder.encode([args.query])[0], k=args.k,
+                      model_checksum=active["model_checksum"])
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
         return 0
@@ -77,8 +91,23 @@ def _search(args) -> int:
     return 0
 
 
+def _unlock(args) -> int:
+    from reindex.store import Store, connect
+    from reindex.store.leases import get_lease, release
+
+    with connect(_dsn(args.dsn), autocommit=True) as conn:
+        store = Store(conn, args.schema)
+        holder = get_lease(store, args.corpus)
+        if holder.free:
+            print(f"corpus {args.corpus!r} is not leased")
+            return 0
+        release(store, args.corpus, holder.batch_id)
+    print(f"released corpus {args.corpus!r} from run {holder.run_id} (batch {holder.batch_id})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from reindex.config import DEFAULT_MODEL, DEFAULT_SCHEMA
+    from reindex.config import DEFAULT_SCHEMA
 
     ap = argparse.ArgumentParser(prog="python -m reindex", description="Inspect and query reindexed corpora.")
     ap.add_argument("--dsn", help="PostgreSQL URI of the store (default: $REINDEX_STORE_URI or the embedded one)")
@@ -91,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--corpus", required=True)
     se.add_argument("query")
     se.add_argument("-k", type=int, default=5)
-    se.add_argument("--model", default=DEFAULT_MODEL, help="the corpus's active local model")
+    se.add_argument("--model", default=None, help="local model name or path (default: the corpus's active model)")
     se.add_argument("--json", action="store_true")
+    un = sub.add_parser("unlock", help="free a corpus whose lease is held by a dead run")
+    un.add_argument("--corpus", required=True)
     args = ap.parse_args(argv)
-    return _status(args) if args.command == "status" else _search(args)
+    return {"status": _status, "search": _search, "unlock": _unlock}[args.command](args)

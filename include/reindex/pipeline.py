@@ -194,8 +194,9 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no .txt, .md, .jsonl or .parquet document "
                 f"found ({reader.stats['skipped_files']} file(s) of other types skipped)"
             )
-        merged = writer.merge()
-        claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, force=cfg.force)
+        merged = writer.merge(vector_table=None if cfg.force else emb.table_name)
+        claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, force=cfg.force,
+                                                 reuse_pool=None if cfg.force else "reuse_pool")
     (total_chunks,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(store.t("chunks")),
                                 (cfg.corpus,))
     return {

@@ -42,12 +42,13 @@ def create_batch(store: Store, batch_id: str, corpus: str, backend: str, model_c
 
 
 def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False,
-                       keep_content_failures: bool = True) -> dict:
+                       keep_content_failures: bool = True, reuse_pool: str | None = None) -> dict:
     """Assign to ``batch_id`` every chunk of ``corpus`` that needs a vector in ``emb``.
 
     A chunk has a current vector when its row in ``emb`` carries the chunk's content hash. Before
     claiming, a chunk without one gets a copy of any vector in ``emb`` computed from the same text
-    (same content hash, any document of the corpus): embedding reuse, no encode, no submission.
+    (same content hash, any document of the corpus, or ``reuse_pool``: the vectors of chunks the
+    scan just deleted): embedding reuse, no encode, no submission.
     Chunks that already failed for their text (``CONTENT_CODES``, retries exhausted) stay FAILED
     when ``keep_content_failures``. With ``force`` every chunk is re-embedded.
 
@@ -60,14 +61,18 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
         emb=t(emb.table_name))
     by_content = 0
     if not force:
+        sources = sql.SQL("SELECT content_sha256, embedding FROM {emb}").format(emb=t(emb.table_name))
+        if reuse_pool:
+            sources = sql.SQL("{} UNION ALL SELECT content_sha256, embedding FROM {}").format(
+                sources, sql.Identifier(reuse_pool))
         by_content = store.execute(sql.SQL("""INSERT INTO {emb} (chunk_pk, content_sha256, embedding)
             SELECT DISTINCT ON (c.id) c.id, c.content_sha256, src.embedding
-            FROM {chunks} c JOIN {emb} src ON src.content_sha256 = c.content_sha256 AND src.chunk_pk <> c.id
+            FROM {chunks} c JOIN ({sources}) src ON src.content_sha256 = c.content_sha256
             WHERE c.corpus = %s AND NOT {current}
             ORDER BY c.id
             ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
                 embedding = EXCLUDED.embedding, updated_at = now()""").format(
-            emb=t(emb.table_name), chunks=t("chunks"), current=current), (corpus,)).rowcount
+            emb=t(emb.table_name), chunks=t("chunks"), current=current, sources=sources), (corpus,)).rowcount
     keep = sql.SQL("""c.embedding_status = 'FAILED' AND c.error_code = ANY(%s)
         AND c.retry_count >= (CASE WHEN c.error_code IN ('TOO_LONG', 'INVALID_CHARACTERS') THEN 1 ELSE 0 END)""")
     kept_codes = sorted(CONTENT_CODES) if keep_content_failures and not force else []
@@ -76,10 +81,13 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
         WHERE c.corpus = %s AND (%s OR (NOT {current} AND NOT ({keep})))""").format(
         chunks=t("chunks"), current=current, keep=keep), (batch_id, corpus, force, kept_codes)).rowcount
     if not force:
+        # Chunks with a current vector are READY; the merge's provisional claim on new chunks that
+        # got a reused vector is dropped (this batch did not embed them).
         store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
-                error_message = NULL, updated_at = now()
-            WHERE c.corpus = %s AND c.embedding_status <> 'READY' AND {current}""").format(
-            chunks=t("chunks"), current=current), (corpus,))
+                error_message = NULL, updated_at = now(),
+                batch_id = CASE WHEN c.batch_id = %s THEN NULL ELSE c.batch_id END
+            WHERE c.corpus = %s AND (c.embedding_status <> 'READY' OR c.batch_id = %s) AND {current}""").format(
+            chunks=t("chunks"), current=current), (batch_id, corpus, batch_id))
     kept_failed = 0
     if kept_codes:
         (kept_failed,) = store.one(sql.SQL("SELECT count(*) FROM {chunks} c WHERE c.corpus = %s AND {keep}").format(

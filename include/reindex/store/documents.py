@@ -108,13 +108,25 @@ class CorpusWriter:
                     copy.write_row(row)
             self._chunks.clear()
 
-    def merge(self) -> MergeResult:
+    def merge(self, vector_table: str | None = None) -> MergeResult:
+        """Merge the staged scan. With ``vector_table``, the vectors of chunks about to be deleted are
+        kept in the transaction's ``reuse_pool`` temp table (content hash → vector) first, so a
+        moved or renamed document's text is not embedded again."""
         self.flush()
         s, t, corpus, batch = self.store, self.store.t, self.corpus, self.batch_id
         s.execute("CREATE INDEX ON stage_chunks (chunk_id)")
         s.execute("CREATE INDEX ON stage_docs (doc_id)")
         s.execute("ANALYZE stage_docs")
         s.execute("ANALYZE stage_chunks")
+        if vector_table is not None:
+            s.execute(sql.SQL("""CREATE TEMP TABLE reuse_pool ON COMMIT DROP AS
+                SELECT DISTINCT ON (e.content_sha256) e.content_sha256, e.embedding
+                FROM {chunks} c JOIN {emb} e ON e.chunk_pk = c.id
+                LEFT JOIN stage_docs d ON d.doc_id = c.doc_id
+                WHERE c.corpus = %s AND (d.doc_id IS NULL OR (NOT d.unchanged
+                    AND NOT EXISTS (SELECT 1 FROM stage_chunks sc WHERE sc.chunk_id = c.chunk_id)))""").format(
+                chunks=t("chunks"), emb=t(vector_table)), (corpus,))
+            s.execute("CREATE INDEX ON reuse_pool (content_sha256)")
         gone_chunks = s.execute(
             sql.SQL("""DELETE FROM {chunks} c WHERE c.corpus = %s
                 AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = c.doc_id)""").format(

@@ -19,11 +19,17 @@ class Hit:
     text: str
 
 
-def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, ef_search: int = 100) -> list[Hit]:
-    """Top-``k`` chunks of ``corpus`` by cosine similarity to ``query_vector`` (active model's store)."""
+def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, ef_search: int = 100,
+           model_checksum: str | None = None) -> list[Hit]:
+    """Top-``k`` chunks of ``corpus`` by cosine similarity to ``query_vector``.
+
+    Reads the active model's store, or ``model_checksum``'s: a caller that encoded the query with
+    the model it found active passes that checksum, so a model switch between its lookup and
+    its query cannot mix dimensions (the replaced store is kept for its retention period).
+    """
     from pgvector.psycopg import register_vector
 
-    emb = get_embedding_store(store, corpus)
+    emb = get_embedding_store(store, corpus, model_checksum)
     vec = np.asarray(query_vector, dtype=np.float32).reshape(-1)
     if vec.shape[0] != emb.dim:
         raise ValueError(f"query vector has dimension {vec.shape[0]}; corpus {corpus!r} stores {emb.dim}")
@@ -61,8 +67,20 @@ def corpus_status(store: Store, corpus: str) -> dict:
         last_batch = dict(zip([c.name for c in cur.description], last, strict=True))
         for key in ("started_at", "finished_at"):
             last_batch[key] = last_batch[key].isoformat() if last_batch[key] else None
+    stores = [
+        {"model_checksum": r[0], "table": r[1], "dim": r[2], "status": r[3], "index": r[4]}
+        for r in store.execute(sql.SQL("""SELECT model_checksum, table_name, dim, status, index_name FROM {}
+            WHERE corpus = %s AND status <> 'DROPPED' ORDER BY created_at""").format(t("embedding_stores")),
+            (corpus,))
+    ]
+    from reindex.store.leases import get_lease
+
+    lease = get_lease(store, corpus)
     return {
         "corpus": corpus,
+        "lease": None if lease.free else {"batch_id": lease.batch_id, "run_id": lease.run_id,
+                                          "since": lease.acquired_at.isoformat() if lease.acquired_at else None},
+        "stores": stores,
         "documents": {"OK": docs.get("OK", 0), "FAILED": docs.get("FAILED", 0)},
         "chunks": {s: chunks.get(s, 0) for s in ("READY", "PENDING", "FAILED")},
         "chunks_total": sum(chunks.values()),
