@@ -16,7 +16,7 @@ def _ti_states(dr):
     return {ti.task_id: ti.state for ti in dr.get_task_instances()}
 
 
-def test_sample_corpus_end_to_end(dagbag, store_conn, encoder):
+def test_sample_corpus_end_to_end(dagbag, store_conn, encoder, monkeypatch):
     dag = dagbag.get_dag("reindex_corpus")
     dr = dag.test(run_conf={"corpus": "sample_e2e", "corpus_uri": str(SAMPLE_CORPUS)})
     assert dr.state == "success", _ti_states(dr)
@@ -39,6 +39,75 @@ def test_sample_corpus_end_to_end(dagbag, store_conn, encoder):
         AND metadata->>'topic' = 'photosynthesis'""").format(store_conn.t("documents")))
     hits = search(store_conn, "sample_e2e", encoder.encode(["How do plants turn sunlight into sugar?"])[0], k=3)
     assert photo_doc in [h.doc_id for h in hits]
+
+    # The same corpus again, unchanged: nothing is chunked or encoded, and the batch says so.
+    from reindex.embeddings.local import LocalEncoder
+
+    calls = []
+    real = LocalEncoder.encode
+    monkeypatch.setattr(LocalEncoder, "encode", lambda self, texts: (calls.append(len(texts)), real(self, texts))[1])
+    again = dag.test(run_conf={"corpus": "sample_e2e", "corpus_uri": str(SAMPLE_CORPUS)})
+    assert again.state == "success" and calls == []
+    encoded, reused, message = store_conn.one(sql.SQL("""SELECT encoded, reused, details->>'message' FROM {}
+        WHERE dag_run_id = %s""").format(store_conn.t("batches")), (again.run_id,))
+    assert (encoded, reused) == (0, st["chunks_total"])
+    assert message == f"nothing to embed: 0 chunks encoded, 0 batch jobs submitted; {reused} chunk vector(s) reused"
+
+
+def _hold_lease(store, corpus: str, batch_id: str = "someone-else") -> None:
+    from reindex.store import leases
+    from reindex.store.batches import create_batch
+    from reindex.store.documents import ensure_corpus
+
+    with store.conn.transaction():
+        ensure_corpus(store, corpus)
+        create_batch(store, batch_id, corpus, "local", None, dag_run_id="manual__other")
+    assert leases.try_acquire(store, corpus, batch_id, "manual__other") is None
+
+
+def test_a_busy_corpus_fails_clearly_or_waits(dagbag, store_conn, tmp_path, monkeypatch):
+    """on_busy=fail: the task fails naming the holder, writing nothing. on_busy=wait: the task is
+    rescheduled (no worker slot held) until the holder is done, then the run completes."""
+    import threading
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from reindex.config import ReindexConfig
+    from reindex.store import leases
+    from reindex.store.schema import ensure_schema
+    from reindex_airflow.tasks import _take_corpus
+
+    (tmp_path / "a.txt").write_text("Otters hold hands while they sleep so they do not drift apart.", encoding="utf-8")
+    ensure_schema(store_conn)
+    _hold_lease(store_conn, "busy_e2e")
+    run = SimpleNamespace(run_id="manual__me", start_date=None)
+    cfg = ReindexConfig(corpus="busy_e2e", corpus_uri=str(tmp_path), on_busy="fail")
+    with pytest.raises(AirflowFailException, match=r"corpus 'busy_e2e' is busy: run manual__other \(batch someone-else\)"):
+        _take_corpus(store_conn, cfg, "mine", run)
+
+    dag = dagbag.get_dag("reindex_corpus")
+    dr = dag.test(run_conf={"corpus": "busy_e2e", "corpus_uri": str(tmp_path), "on_busy": "fail"})
+    assert dr.state == "failed" and _ti_states(dr)["chunk_corpus"] == "failed"
+    (nbatches,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'busy_e2e'").format(
+        store_conn.t("batches")))
+    assert nbatches == 1 and leases.get_lease(store_conn, "busy_e2e").batch_id == "someone-else"
+
+    monkeypatch.setenv("REINDEX_LEASE_POLL_SECONDS", "1")
+    timer = threading.Timer(2, lambda: leases.release(store_conn, "busy_e2e", "someone-else"))
+    timer.start()
+    dr = dag.test(run_conf={"corpus": "busy_e2e", "corpus_uri": str(tmp_path), "on_busy": "wait"})
+    timer.join()
+    assert dr.state == "success", _ti_states(dr)
+    from airflow import settings
+    from airflow.models.taskreschedule import TaskReschedule
+
+    with settings.Session() as session:
+        reschedules = session.query(TaskReschedule).filter(TaskReschedule.ti_id == next(
+            ti.id for ti in dr.get_task_instances() if ti.task_id == "chunk_corpus")).count()
+    assert reschedules >= 1
+    st = corpus_status(store_conn, "busy_e2e")
+    assert st["chunks"]["READY"] == 1 and st["lease"] is None
 
 
 def test_partial_failure_triggers_a_retry_run_that_heals_it(dagbag, store_conn, tmp_path, monkeypatch):
