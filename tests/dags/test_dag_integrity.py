@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-DAG_IDS = {"reindex_corpus", "reindex_retry"}
+DAG_IDS = {"reindex_corpus", "reindex_retry", "reindex_nightly", "reindex_model_upgrade"}
 
 
 def test_no_import_errors(dagbag):
@@ -27,8 +27,37 @@ def test_dag_conventions(dagbag, dag_id):
     assert dag.default_args["owner"] == "reindex"
     assert not dag.catchup
     for t in dag.tasks:
-        if t.task_id not in {"summarize", "fail_batch", "branch", "done", "trigger_retry", "choose_backend"}:
+        if t.task_id not in {"summarize", "fail_batch", "branch", "done", "trigger_retry", "choose_backend",
+                             "reindex", "report", "switch_model", "fail_upgrade"}:
             assert t.retries >= 1, f"{dag_id}.{t.task_id} has no retries"
+
+
+def test_nightly_is_scheduled_and_backfillable(dagbag):
+    """Cron 02:00 UTC by default, catchup off, and Airflow's backfill planner finds one run a night."""
+    from datetime import UTC, datetime
+
+    from airflow.models.backfill import _get_info_list
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = dagbag.get_dag("reindex_nightly")
+    assert not dag.catchup and dag.max_active_runs == 1
+    serialized = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    assert serialized.timetable.periodic
+    infos = _get_info_list(from_date=datetime(2026, 11, 20, tzinfo=UTC), to_date=datetime(2026, 11, 22, 12, tzinfo=UTC),
+                           reverse=False, dag=serialized)
+    assert [i.run_after.isoformat() for i in infos] == [f"2026-11-{d}T02:00:00+00:00" for d in (20, 21, 22)]
+    reindex = dag.get_task("reindex")
+    assert reindex.partial_kwargs["trigger_dag_id"] == "reindex_corpus"
+    assert reindex.partial_kwargs["deferrable"] and reindex.partial_kwargs["wait_for_completion"]
+    assert dag.get_task("report").trigger_rule == "all_done"
+
+
+def test_model_upgrade_shape(dagbag):
+    dag = dagbag.get_dag("reindex_model_upgrade")
+    assert dag.get_task("branch").downstream_task_ids == {"switch_model", "fail_upgrade"}
+    assert "build_index" in dag.get_task("summarize").upstream_task_ids
+    assert "trigger_retry" not in {t.task_id for t in dag.tasks}  # a rerun of the upgrade resumes instead
+    assert dag.params["index_type"] == "hnsw"
 
 
 def test_reindex_corpus_shape(dagbag):

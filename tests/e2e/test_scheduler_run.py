@@ -1,9 +1,12 @@
-"""One run through real Airflow processes: scheduler (LocalExecutor), dag-processor and api-server
-(the Execution API the task processes talk to), triggered from the CLI like an operator would."""
+"""Runs through real Airflow processes: scheduler (LocalExecutor), dag-processor, triggerer and
+api-server (the Execution API the task processes talk to), triggered from the CLI like an operator
+would: two nightly runs over configured corpora (the second does no work), with a manual run on
+one of the corpora racing the first nightly run."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -29,10 +32,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def airflow_services(airflow_db, tmp_path):
+def corpora(tmp_path):
+    texts = {"night_a": ["Glaciers carve U-shaped valleys.", "Bees pollinate apple blossoms.",
+                         "Лёд на Байкале прозрачный."],
+             "night_b": ["Lighthouses rotate their lenses with clockwork.", "Sourdough rises with wild yeast."]}
+    lines = ["corpora:"]
+    for name, docs in texts.items():
+        root = tmp_path / name
+        root.mkdir()
+        for i, text in enumerate(docs):
+            (root / f"n{i}.txt").write_text(text, encoding="utf-8")
+        lines += [f"  - name: {name}", f"    uri: {root}", "    backend: local"]
+    path = tmp_path / "corpora.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, {name: len(docs) for name, docs in texts.items()}
+
+
+@pytest.fixture
+def airflow_services(airflow_db, tmp_path, corpora):
     port = _free_port()
     env = dict(os.environ)
     env.update({
+        "REINDEX_CORPORA_FILE": str(corpora[0]),
+        "REINDEX_NIGHTLY_POKE_SECONDS": "2",
+        # Feb 29 at 02:00: its last fire time (2024) is before the DAG's start date, so unpausing it
+        # does not start a scheduled run of its own; the test triggers its nights by hand.
+        "REINDEX_NIGHTLY_CRON": "0 2 29 2 *",
+        "REINDEX_LEASE_POLL_SECONDS": "2",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API_AUTH__JWT_SECRET": "test-secret-for-this-session-only",
         "AIRFLOW__API__PORT": str(port),
@@ -43,7 +70,8 @@ def airflow_services(airflow_db, tmp_path):
     procs = []
     logs = {}
     for name, args in {"api-server": ["api-server", "--port", str(port), "--host", "127.0.0.1"],
-                       "dag-processor": ["dag-processor"], "scheduler": ["scheduler"]}.items():
+                       "dag-processor": ["dag-processor"], "scheduler": ["scheduler"],
+                       "triggerer": ["triggerer"]}.items():
         logs[name] = tmp_path / f"{name}.log"
         procs.append(subprocess.Popen([*AIRFLOW, *args], env=env, stdout=logs[name].open("w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
@@ -58,38 +86,73 @@ def airflow_services(airflow_db, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def _run_state(env, run_id: str) -> str | None:
+def _run_state(dag_id: str, run_id: str) -> str | None:
     from airflow import settings
     from airflow.models.dagrun import DagRun
 
     with settings.Session() as session:
-        dr = session.query(DagRun).filter(DagRun.dag_id == "reindex_corpus", DagRun.run_id == run_id).one_or_none()
+        dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one_or_none()
         return None if dr is None else str(dr.state)
 
 
-def test_reindex_corpus_through_the_scheduler(airflow_services, tmp_path, store_uri):
-    env, logs = airflow_services
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(["Glaciers carve U-shaped valleys.", "Bees pollinate apple blossoms.",
-                              "Лёд на Байкале прозрачный."]):
-        (corpus / f"n{i}.txt").write_text(text, encoding="utf-8")
-    subprocess.run([*AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True)
-    subprocess.run([*AIRFLOW, "dags", "unpause", "reindex_corpus"], env=env, check=True, capture_output=True)
-    run_id = f"scheduler_test_{int(time.time())}"
-    subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_corpus", "--run-id", run_id,
-                    "--conf", f'{{"corpus": "scheduled", "corpus_uri": "{corpus}"}}'],
-                   env=env, check=True, capture_output=True)
-    deadline = time.monotonic() + 420
-    state = None
+def _wait(runs: list[tuple[str, str]], logs, timeout: float = 480) -> None:
+    deadline = time.monotonic() + timeout
+    states = {}
     while time.monotonic() < deadline:
-        state = _run_state(env, run_id)
-        if state in ("success", "failed"):
+        states = {r: _run_state(*r) for r in runs}
+        if all(s in ("success", "failed") for s in states.values()):
             break
         time.sleep(3)
-    tails = {n: Path(p).read_text()[-3000:] for n, p in logs.items()}
-    assert state == "success", f"run ended {state}; logs: {tails}"
+    tails = {n: Path(p).read_text()[-3000:] for n, p in logs.items()} if any(
+        s != "success" for s in states.values()) else {}
+    assert all(s == "success" for s in states.values()), f"runs ended {states}; logs: {tails}"
+
+
+def _batches(store, corpus):
+    from psycopg import sql
+
+    cur = store.execute(sql.SQL("""SELECT dag_run_id, status, encoded, reused, started_at, finished_at,
+        details->>'message' FROM {} WHERE corpus = %s ORDER BY started_at""").format(store.t("batches")), (corpus,))
+    return cur.fetchall()
+
+
+def test_nightly_runs_through_the_scheduler(airflow_services, corpora, store_uri):
+    env, logs = airflow_services
+    _, ndocs = corpora
+    for args in (["dags", "reserialize"], ["dags", "unpause", "reindex_corpus"],
+                 ["dags", "unpause", "reindex_nightly"]):
+        subprocess.run([*AIRFLOW, *args], env=env, check=True, capture_output=True)
+    stamp = int(time.time())
+    night1, manual = f"night1_{stamp}", f"manual_{stamp}"
+    subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_nightly", "--run-id", night1], env=env, check=True,
+                   capture_output=True)
+    # a manual run of one configured corpus, racing the nightly one for the corpus's lease
+    subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_corpus", "--run-id", manual, "--conf",
+                    json.dumps({"corpus": "night_a", "corpus_uri": str(corpora[0].parent / "night_a")})],
+                   env=env, check=True, capture_output=True)
+    _wait([("reindex_nightly", night1), ("reindex_corpus", manual),
+           ("reindex_corpus", f"nightly__{night1}__night_a"), ("reindex_corpus", f"nightly__{night1}__night_b")], logs)
+
     with connect(store_uri, autocommit=True) as conn:
-        st = corpus_status(Store(conn), "scheduled")
-    assert st["chunks"] == {"READY": 3, "PENDING": 0, "FAILED": 0}
-    assert st["last_batch"]["status"] == "COMPLETED"
+        store = Store(conn)
+        for corpus, n in ndocs.items():
+            st = corpus_status(store, corpus)
+            assert st["chunks"] == {"READY": n, "PENDING": 0, "FAILED": 0} and st["lease"] is None
+        rows = _batches(store, "night_a")
+        assert len(rows) == 2, rows
+        first, second = rows
+        assert {first[0], second[0]} == {manual, f"nightly__{night1}__night_a"}
+        assert first[5] <= second[4]  # the later run's writes began after the first closed its batch
+        assert (first[2], second[2]) == (3, 0)  # whichever ran second found nothing to embed
+
+    night2 = f"night2_{stamp}"
+    subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_nightly", "--run-id", night2], env=env, check=True,
+                   capture_output=True)
+    _wait([("reindex_nightly", night2)], logs)
+    with connect(store_uri, autocommit=True) as conn:
+        store = Store(conn)
+        for corpus, n in ndocs.items():
+            run_id, status, encoded, reused, *_, message = _batches(store, corpus)[-1]
+            assert (run_id, status, encoded, reused) == (f"nightly__{night2}__{corpus}", "COMPLETED", 0, n)
+            assert message.startswith("nothing to embed: 0 chunks encoded, 0 batch jobs submitted")
+
