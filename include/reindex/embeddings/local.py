@@ -1,6 +1,18 @@
 """Local encoding with sentence-transformers (CPU, or CUDA when present).
 
 torch and sentence-transformers are imported on first use, never at import time.
+
+``LocalEncoder.encode`` gives the vectors of ``SentenceTransformer.encode`` (same preprocessing,
+forward pass, pooling and normalisation — the model's own ``preprocess`` and ``__call__``), faster:
+
+* batches are formed by **token** count, not character count: sentence-transformers sorts by
+  characters, a poor proxy for mixed Russian/English text (Cyrillic takes several times more
+  word pieces per character in an English vocabulary), so its batches pad short inputs to long
+  ones. Token-sorted batches pad far less. A vector then differs from plain ``encode()`` only by
+  the padding it was computed with (float rounding, max abs difference ~1e-7);
+* on CUDA the next batch is tokenized in a background thread while the GPU runs the current one,
+  and ``precision="fp16"`` runs the model in half precision. fp16 changes the numerics, so it is
+  part of the ``ModelSpec`` (``precision``) and so of the model checksum; CPU always runs fp32.
 """
 
 from __future__ import annotations
@@ -32,12 +44,18 @@ class EncodeFailure(Exception):
     message: str
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
 @functools.lru_cache(maxsize=4)
-def _load(path: str, device: str):
+def _load(path: str, device: str, precision: str = "fp32"):
     offline_hub()
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(path, device=device, local_files_only=True)
+    model = SentenceTransformer(path, device=device, local_files_only=True)
+    if precision == "fp16":
+        model.half()
+    return model
 
 
 class LocalEncoder:
@@ -46,18 +64,26 @@ class LocalEncoder:
     backend = "local"
 
     def __init__(self, model: str = DEFAULT_MODEL, *, batch_size: int = 64, device: str | None = None,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, precision: str = "fp32", sort_by_tokens: bool = True) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not supported: choose one of {list(PRECISIONS)}")
+        if precision != "fp32" and device is not None and not str(device).startswith("cuda"):
+            raise ConfigError(f"precision {precision!r} needs a CUDA device; {device} runs fp32")
         self.model_name = model
         self.path = resolve_model_path(model)
         self.batch_size = batch_size
         self.device = device
         self.normalize = normalize
+        self.precision = precision
+        self.sort_by_tokens = sort_by_tokens
 
     @functools.cached_property
     def model(self):
         device = self.device or auto_device()
-        log.info("loading %s from %s on %s", self.model_name, self.path, device)
-        return _load(str(self.path), device)
+        if self.precision != "fp32" and not device.startswith("cuda"):
+            raise ConfigError(f"precision {self.precision!r} needs a CUDA device; {device} runs fp32")
+        log.info("loading %s from %s on %s (%s)", self.model_name, self.path, device, self.precision)
+        return _load(str(self.path), device, self.precision)
 
     @functools.cached_property
     def spec(self) -> ModelSpec:
@@ -71,7 +97,7 @@ class LocalEncoder:
             dim=int(dim),
             normalized=self.normalize,
             backend=self.backend,
-            precision="fp32",
+            precision=self.precision,
             max_seq_length=self.model.max_seq_length,
         )
 
@@ -79,11 +105,69 @@ class LocalEncoder:
         """Vectors for ``texts`` as a float32 array of shape (len(texts), dim)."""
         if not texts:
             return np.empty((0, self.spec.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=self.normalize,
-            convert_to_numpy=True, show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        if not self.sort_by_tokens or len(texts) <= 1:
+            vectors = self.model.encode(
+                texts, batch_size=self.batch_size, normalize_embeddings=self.normalize,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+            return np.asarray(vectors, dtype=np.float32)
+        return self._encode_sorted(texts)
+
+    def token_lengths(self, texts: list[str]) -> np.ndarray:
+        """Tokens per text as the model will see them (special tokens included, truncated to its limit)."""
+        tokenizer = self.model.tokenizer
+        limit = self.model.max_seq_length
+        enc = tokenizer(texts, add_special_tokens=True, truncation=limit is not None, max_length=limit,
+                        return_attention_mask=False, return_token_type_ids=False)
+        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+
+    def _encode_sorted(self, texts: list[str]) -> np.ndarray:
+        """Token-length-sorted batches through the model's own preprocess → forward → pooling."""
+        import torch
+
+        model = self.model
+        order = np.argsort(-self.token_lengths(texts), kind="stable")
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        device = model.device
+        resolve = getattr(model, "_resolve_prompt", None)
+        prompt = resolve(None, None) if resolve else None  # the model's default prompt, as encode() applies it
+        truncate_dim = getattr(model, "truncate_dim", None)
+
+        def features(idx):
+            feats = model.preprocess([texts[i] for i in idx], prompt=prompt)
+            return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in feats.items()}
+
+        out = np.empty((len(texts), self.spec.dim), dtype=np.float32)
+        model.eval()
+        with torch.inference_mode():
+            for idx, feats in _ahead(batches, features, threaded=device.type == "cuda"):
+                emb = model(feats)["sentence_embedding"]
+                if truncate_dim:
+                    emb = emb[..., :truncate_dim]
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+                out[idx] = emb.float().cpu().numpy()
+        return out
+
+
+def _ahead(items, prepare, *, threaded: bool):
+    """``(item, prepare(item))`` in order; with ``threaded`` the next item is prepared in a background
+    thread while the caller works on the current one (tokenizing ahead of the GPU)."""
+    if not threaded:
+        for item in items:
+            yield item, prepare(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reindex-tokenize") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(prepare, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 def classify_encoder_error(exc: BaseException) -> ErrorCode:
