@@ -50,6 +50,32 @@ def test_real_model_vectors_from_the_emulator_into_pgvector(dagbag, vertex_env, 
     hits = search(store_conn, "vertex_real", encoder.encode(["how do plants make food from light"])[0], k=1)
     assert hits[0].doc_id == "photo.txt" and hits[0].score > 0.5
 
+    # Unchanged corpus again (model left empty: the corpus's active Vertex model): no job at all.
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={"corpus": "vertex_real", "corpus_uri": str(tmp_path)})
+    assert dr.state == "success", _states(dr)
+    assert vertex_env.stats()["create_calls"] == 1
+    (jobs, encoded) = store_conn.one(sql.SQL("""SELECT cardinality(job_names), encoded FROM {}
+        WHERE dag_run_id = %s""").format(store_conn.t("batches")), (dr.run_id,))
+    assert (jobs, encoded) == (0, 0)
+
+
+def test_model_upgrade_from_local_to_vertex(dagbag, vertex_env, store_conn, tmp_path):
+    """reindex_model_upgrade on the Vertex backend: MiniLM 384-d → text-embedding-005 at 768-d, one job."""
+    for i, text in enumerate(["Otters hold hands while sleeping.", "Сова поворачивает голову на 270 градусов."]):
+        (tmp_path / f"n{i}.txt").write_text(text, encoding="utf-8")
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={"corpus": "vertex_upgrade", "corpus_uri": str(tmp_path),
+                                                          "backend": "local", "model": "all-MiniLM-L6-v2",
+                                                          "output_dimensionality": None})
+    assert dr.state == "success"
+    dr = dagbag.get_dag("reindex_model_upgrade").test(run_conf={
+        "corpus": "vertex_upgrade", "model": "text-embedding-005", "backend": "vertex", "dimension": 768})
+    assert dr.state == "success", _states(dr)
+    assert _states(dr)["switch_model"] == "success" and vertex_env.stats()["create_calls"] == 1
+    st = corpus_status(store_conn, "vertex_upgrade")
+    assert (st["model"]["model_id"], st["model"]["dim"]) == ("text-embedding-005", 768)
+    assert st["chunks"] == {"READY": 2, "PENDING": 0, "FAILED": 0}
+    assert sorted(s["status"] for s in st["stores"]) == ["ACTIVE", "RETIRED"]
+
 
 def test_ten_thousand_chunks_with_partial_failures_and_a_healing_retry(dagbag, vertex_env, store_conn, tmp_path):
     """~2 % injected per-line failures of mixed kinds → COMPLETED_WITH_ERRORS → reindex_retry heals the
