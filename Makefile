@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv demo test test-fast airflow status lint lock db-stop clean
+.PHONY: help venv demo test test-fast airflow status lint lock db-stop clean bench
 
 help:
 	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
@@ -40,6 +40,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# Benchmark suite (benchmarks/README.md); e.g. make bench BENCH_ARGS="--only ingest --rss-lines 1000000"
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 airflow: $(STAMP)
 	eval "$$($(BIN)/python scripts/devenv.py)" && \

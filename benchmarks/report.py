@@ -1,0 +1,85 @@
+"""Markdown tables from a results JSON (``python -m benchmarks --report results.json``)."""
+
+from __future__ import annotations
+
+
+def _f(x, nd=2):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def ingest_table(r: dict) -> str:
+    out = [f"**Result ingest**, {r['lines']:,} lines of {r['dim']}-d classic-model output "
+           f"({r['bytes'] / 2**20:,.0f} MiB JSONL) → READY rows:", "",
+           "| method | seconds | rows/s | × limit | × seed | peak RSS MiB | vectors = limit's |",
+           "|---|---:|---:|---:|---:|---:|:---:|"]
+    for m in r["methods"]:
+        out.append(f"| {m['label']} | {_f(m['seconds'])} | {m['rows_per_s']:,.0f} | {_f(m['x_limit'])} | "
+                   f"{_f(m['x_seed'])} | {_f(m['rss_mib'], 0)} | {'yes' if m['vectors_match_limit'] else 'NO'} |")
+    if r.get("rss"):
+        b = r["rss"]
+        small = next(m for m in r["methods"] if m["label"] == "project (local disk)")
+        out += ["", f"Peak RSS of the project path (local disk): {small['rss_mib']:,.0f} MiB at {r['lines']:,} lines, "
+                    f"{b['rss_mib']:,.0f} MiB at {b['lines']:,} lines ({b['bytes'] / 2**30:,.1f} GiB JSONL, "
+                    f"{b['seconds']:,.0f} s, {b['rows_per_s']:,.0f} rows/s, {b['ready']:,} READY)."]
+    return "\n".join(out)
+
+
+def encode_table(r: dict) -> str:
+    dev = r["device"]
+    gpu = next((m.get("gpu") for m in r["methods"] if m.get("gpu")), None)
+    out = [f"**Local encoding** on {gpu or dev}, {r['texts']:,} texts (Russian + English, 40–1,200 chars, "
+           f"{r['tokens']:,} tokens), MiniLM-L6, batch {r['batch_size']}:", "",
+           "| method | seconds | texts/s | × plain encode() | max abs diff vs plain | peak RSS MiB |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for m in r["methods"]:
+        diff = m.get("max_abs_diff_vs_plain")
+        out.append(f"| {m['label']} | {_f(m['seconds'])} | {_f(m['texts_per_s'], 1)} | {_f(m['x_plain'])} | "
+                   f"{'–' if diff is None else f'{diff:.1e}'} | {_f(m['rss_mib'], 0)} |")
+    return "\n".join(out)
+
+
+def incremental_table(r: dict) -> str:
+    runs = r["runs"]
+    out = [f"**Incremental**, {r['docs']:,} documents → {runs['full']['chunks']:,} chunks (local backend, "
+           "HNSW index):", "",
+           "| run | seconds | chunk_corpus s | encode+load s | finish_batch s | texts encoded | chunks reused |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"full": "1. full (stub encoder: random unit vectors)", "unchanged": "2. unchanged corpus (real encoder)",
+             "edited": f"3. {runs['edited'].get('edited_documents', 0):,} documents edited (real encoder)"}
+    for key in ("full", "unchanged", "edited"):
+        x = runs[key]
+        st = x["stages"]
+        out.append(f"| {names[key]} | {_f(x['seconds'])} | {_f(st['chunk_corpus'])} | {_f(st['encode_partitions'])} | "
+                   f"{_f(st['finish_batch'])} | {x['encoded_texts']:,} | {_f(x['reused'])} |")
+    out += ["", f"Unchanged run / full run: **{r['unchanged_vs_full_stub']:.1%}** of the stub-encoder full run; "
+                f"**{r['unchanged_vs_full_real_estimate']:.2%}** of a real full run estimated at "
+                f"{r['full_real_estimate_s']:,.0f} s (the stub's encode time replaced by "
+                f"{runs['full']['encoded_texts']:,} texts at {r['real_encode_rate']:,.1f} texts/s, "
+                f"{r.get('rate_source', 'the real encoder in run 3')})."]
+    return "\n".join(out)
+
+
+def airflow_table(r: dict) -> str:
+    out = [f"**Airflow overhead**, `reindex_corpus` through `dag.test()`, {r['docs']:,} documents → "
+           f"{r['chunks']:,} chunks, local backend, {r['encoder']} encoder:", "",
+           "| wall s | Σ task durations s | overhead s | overhead / wall | task instances |",
+           "|---:|---:|---:|---:|---:|",
+           f"| {_f(r['wall_s'])} | {_f(r['task_seconds'])} | {_f(r['overhead_s'])} | {r['overhead_fraction']:.1%} | "
+           f"{r['task_instances']} |", "",
+           "Task durations: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["by_task"].items() if v) + "."]
+    return "\n".join(out)
+
+
+def render(results: dict) -> str:
+    parts = [f"Run {results['date']} on {results['machine_line']}; command: `{results['command']}`."]
+    for key, fn in (("ingest", ingest_table), ("encode", encode_table), ("incremental", incremental_table),
+                    ("airflow", airflow_table)):
+        if results.get(key):
+            parts.append(fn(results[key]))
+    return "\n\n".join(parts) + "\n"
