@@ -67,6 +67,9 @@ def airflow_services(airflow_db, tmp_path, corpora):
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__CORE__PARALLELISM": "4",
     })
+    # Serialize the DAGs with this environment before the scheduler starts: an earlier dag.test()
+    # may have stored reindex_nightly with its default cron, which would start a scheduled night.
+    subprocess.run([*AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True)
     procs = []
     logs = {}
     for name, args in {"api-server": ["api-server", "--port", str(port), "--host", "127.0.0.1"],
