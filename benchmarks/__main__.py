@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import airflow_overhead
 
         results["airflow"] = airflow_overhead.run(args.dir, docs=args.airflow_docs, encoder=args.airflow_encoder)
+        rate = next((m["texts_per_s"] for m in (results.get("encode") or {}).get("methods", [])
+                     if m["method"] == "project"), None)
+        af = results["airflow"]
+        if rate and af["encoder"] == "stub":  # the same overhead over a run with real encode work
+            real_wall = af["wall_s"] + af["chunks"] / rate - af["by_task"].get("encode_partition", 0.0)
+            af["real_encoder_estimate"] = {"encode_rate": rate, "wall_s": round(real_wall, 1),
+                                           "overhead_fraction": round(af["overhead_s"] / real_wall, 4)}
         save()
     results["load_at_end"] = os.getloadavg()
     save()

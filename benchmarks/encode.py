@@ -131,4 +131,20 @@ def run(data_dir: Path, *, texts: int = 2000, seed: int = 1, device: str = "cpu"
         if r["label"] in saved and r["label"] != "plain encode()":
             r["max_abs_diff_vs_plain"] = float(np.abs(np.load(saved[r["label"]]) - plain).max())
     return {"texts": texts, "device": device, "batch_size": batch_size, "tokens": rows[0]["tokens"],
-            "methods": rows}
+            "methods": rows, "halfvec_recall_at_10": halfvec_recall(plain)}
+
+
+def halfvec_recall(vectors: np.ndarray, k: int = 10) -> float:
+    """Recall@k of exact cosine search over half-float copies of ``vectors`` (what a ``halfvec`` column
+    stores) against the float32 originals; every vector is a query, itself excluded."""
+    full = vectors.astype(np.float32)
+    half = full.astype(np.float16).astype(np.float32)
+
+    def topk(base):
+        sims = full @ base.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argpartition(-sims, k, axis=1)[:, :k]
+
+    exact, approx = topk(full), topk(half)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(exact, approx, strict=True))
+    return round(hits / (k * len(full)), 5)

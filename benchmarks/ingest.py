@@ -159,6 +159,68 @@ def setup(data_dir: Path, n: int, *, seed: int = 0, limit_file: bool = True) -> 
     return manifest
 
 
+def halfvec_payload(pks: np.ndarray, shas: list[str], vectors: np.ndarray) -> bytes:
+    """COPY BINARY rows ``(bigint, char(64), halfvec)`` without header/trailer (pgvector halfvec: int16 dim,
+    int16 unused, IEEE half floats)."""
+    n, dim = vectors.shape
+    row = np.dtype([("nfields", ">i2"), ("len_pk", ">i4"), ("pk", ">i8"), ("len_sha", ">i4"), ("sha", "S64"),
+                    ("len_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f2", (dim,))])
+    buf = np.empty(n, dtype=row)
+    buf["nfields"], buf["len_pk"], buf["pk"], buf["len_sha"] = 3, 8, pks, 64
+    buf["sha"] = np.asarray(shas, dtype="S64")
+    buf["len_vec"], buf["dim"], buf["unused"], buf["vec"] = 4 + 2 * dim, dim, 0, vectors
+    return buf.tobytes()
+
+
+def setup_halfvec(manifest: dict) -> str:
+    """The same vectors as ``limit.bin`` rounded to half floats, and an empty ``halfvec`` twin of the vector
+    table (same columns and indexes): what a ``halfvec`` storage option would load (proposal P4)."""
+    from psycopg import sql
+
+    from reindex.store.vectors import copy_binary_payload
+
+    path = Path(manifest["limit_file"]).with_name("limit-halfvec.bin")
+    store = _connect(manifest["uri"], manifest["schema"])
+    with contextlib.closing(store.conn):
+        half = store.t(manifest["table"] + "_half")
+        store.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(half))
+        store.execute(sql.SQL("""CREATE TABLE {} (chunk_pk bigint PRIMARY KEY REFERENCES {} (id) ON DELETE CASCADE,
+            content_sha256 char(64) NOT NULL, embedding halfvec({}) NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now())""").format(half, store.t("chunks"), sql.Literal(DIM)))
+        store.execute(sql.SQL("CREATE INDEX ON {} (content_sha256)").format(half))
+        if path.exists():
+            return str(path)
+        rng = np.random.default_rng(manifest["seed"])  # replays setup()'s vectors block by block
+        rows = store.execute(sql.SQL("SELECT id, content_sha256 FROM {} WHERE batch_id = %s ORDER BY id").format(
+            store.t("chunks")), (BATCH_ID,)).fetchall()
+        with path.open("wb") as f:
+            f.write(copy_binary_payload(np.zeros(0, np.int64), [], np.zeros((0, DIM), np.float32))[:COPY_HEADER_LEN])
+            for start in range(0, len(rows), 1000):
+                block = rows[start:start + 1000]
+                vecs = rng.normal(size=(len(block), DIM))
+                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+                f.write(halfvec_payload(np.array([r[0] for r in block], np.int64), [r[1] for r in block],
+                                        vecs.astype(np.float32).astype(np.float16)))
+            f.write(b"\xff\xff")
+    return str(path)
+
+
+def method_limit_halfvec(p: dict) -> dict:
+    from psycopg import sql
+
+    store = _connect(p["uri"], p["schema"])
+    half = store.t(p["table"] + "_half")
+    store.execute(sql.SQL("TRUNCATE {}").format(half))
+    store.execute("CHECKPOINT")
+    t0 = time.perf_counter()
+    store.execute(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM {} (FORMAT BINARY)").format(
+        half, sql.Literal(p["halfvec_file"])))
+    seconds = time.perf_counter() - t0
+    size_half = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['table']}_half",))[0]
+    store.execute(sql.SQL("TRUNCATE {}").format(half))
+    return {"seconds": seconds, "rows": p["n"], "table_mib": round(size_half / 2**20, 1)}
+
+
 def reset(manifest: dict, storage: str = "EXTERNAL") -> None:
     """Empty the vector table, chunks back to PENDING, vacuum and checkpoint (same start for every method).
 
@@ -191,7 +253,7 @@ def check(manifest: dict) -> dict:
                              .format(store.t("chunks")), (BATCH_ID,))
         (sample,) = store.one(sql.SQL("""SELECT md5(string_agg(embedding::text, ';' ORDER BY chunk_pk)) FROM {}
             WHERE chunk_pk % 997 = 0""").format(store.t(manifest["table"])))
-    return {"rows": rows, "ready": ready, "sample_md5": sample}
+    return {"table_rows": rows, "ready": ready, "sample_md5": sample}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +322,9 @@ def method_limit(p: dict) -> dict:
     t0 = time.perf_counter()
     store.execute(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM {} (FORMAT BINARY)").format(
         store.t(p["table"]), sql.Literal(p["limit_file"])))
-    return {"seconds": time.perf_counter() - t0, "rows": p["n"]}
+    seconds = time.perf_counter() - t0
+    size = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['table']}",))[0]
+    return {"seconds": seconds, "rows": p["n"], "table_mib": round(size / 2**20, 1)}
 
 
 def method_seed(p: dict) -> dict:
@@ -376,7 +440,8 @@ def method_project(p: dict) -> dict:
     return {"seconds": seconds, "rows": counts["ready"], "partitions": len(partitions)}
 
 
-METHODS = {"limit": method_limit, "seed": method_seed, "pgvector": method_pgvector, "project": method_project}
+METHODS = {"limit": method_limit, "seed": method_seed, "pgvector": method_pgvector, "project": method_project,
+           "limit_halfvec": method_limit_halfvec}
 
 
 def worker(params: dict) -> dict:
@@ -419,6 +484,8 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
         else:
             plan.append((m, m, {}))
     if variants and "limit" in methods and "project" in methods:
+        base["halfvec_file"] = setup_halfvec(manifest)
+        plan.append(("limit, halfvec(768) table (P4)", "limit_halfvec", {}))
         plan.append(("limit, STORAGE PLAIN (P3)", "limit", {"storage": "PLAIN"}))
         plan.append(("project + P1 + P3 (STORAGE PLAIN)", "project", {"variant": {"proposal": "P1"},
                                                                      "storage": "PLAIN"}))
@@ -441,7 +508,8 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
             result["load_before"] = round(load, 2)
             if method == "limit" and reference is None:
                 reference = result["sample_md5"]
-            result["vectors_match_limit"] = result["sample_md5"] == reference
+            result["vectors_match_limit"] = (None if method == "limit_halfvec"
+                                             else result["sample_md5"] == reference)
             result["label"] = label
             log.info("ingest %s: %s", label, result)
             results.setdefault(label, []).append(result)

@@ -20,7 +20,10 @@ def ingest_table(r: dict) -> str:
            "|---|---:|---:|---:|---:|---:|:---:|"]
     for m in r["methods"]:
         out.append(f"| {m['label']} | {_f(m['seconds'])} | {m['rows_per_s']:,.0f} | {_f(m['x_limit'])} | "
-                   f"{_f(m['x_seed'])} | {_f(m['rss_mib'], 0)} | {'yes' if m['vectors_match_limit'] else 'NO'} |")
+                   f"{_f(m['x_seed'])} | {_f(m['rss_mib'], 0)} | { {True: 'yes', False: 'NO', None: '(fp16)'}[m['vectors_match_limit']] } |")
+    sizes = [f"{m['label']}: {m['table_mib']:,.0f} MiB" for m in r["methods"] if m.get("table_mib")]
+    if sizes:
+        out += ["", "Vector table size after the COPY (heap + TOAST + indexes): " + "; ".join(sizes) + "."]
     if r.get("rss"):
         b = r["rss"]
         small = next(m for m in r["methods"] if m["label"] == "project (local disk)")
@@ -41,6 +44,9 @@ def encode_table(r: dict) -> str:
         diff = m.get("max_abs_diff_vs_plain")
         out.append(f"| {m['label']} | {_f(m['seconds'])} | {_f(m['texts_per_s'], 1)} | {_f(m['x_plain'])} | "
                    f"{'–' if diff is None else f'{diff:.1e}'} | {_f(m['rss_mib'], 0)} |")
+    if r.get("halfvec_recall_at_10") is not None:
+        out += ["", f"halfvec trade-off on these real vectors: exact cosine top-10 over half-float copies finds "
+                    f"**{r['halfvec_recall_at_10']:.2%}** of the float32 top-10 (every text a query)."]
     return "\n".join(out)
 
 
@@ -73,6 +79,11 @@ def airflow_table(r: dict) -> str:
            f"| {_f(r['wall_s'])} | {_f(r['task_seconds'])} | {_f(r['overhead_s'])} | {r['overhead_fraction']:.1%} | "
            f"{r['task_instances']} |", "",
            "Task durations: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["by_task"].items() if v) + "."]
+    est = r.get("real_encoder_estimate")
+    if est:
+        out += ["", f"With the real encoder the task work grows by the encode time ({r['chunks']:,} chunks at "
+                    f"{est['encode_rate']:,.1f} texts/s, the encode benchmark's rate), the overhead does not: "
+                    f"≈ {est['wall_s']:,.0f} s wall, overhead **{est['overhead_fraction']:.1%}**."]
     return "\n".join(out)
 
 
