@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--airflow-encoder", choices=("stub", "real"), default="stub")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--report", type=Path, help="only render the tables of an existing results JSON")
+    parser.add_argument("--merge", action="store_true", help="keep the other benchmarks' results already in --out "
+                        "(each section records the command that made it)")
     args = parser.parse_args(argv)
 
     from benchmarks.report import render
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {sorted(unknown)}")
     info = machine()
+    previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
     results: dict = {
         "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -65,9 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"Python {info.get('python')}",
         "load_at_start": os.getloadavg(),
     }
+    for key in ALL:
+        if key not in only and key in previous:
+            results[key] = previous[key]
+            results[key].setdefault("command", previous.get("command"))
+            results[key].setdefault("date", previous.get("date"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
+        for key in only:
+            if key in results:
+                results[key]["command"] = results["command"]
+                results[key]["date"] = results["date"]
         args.out.write_text(json.dumps(results, indent=1, default=str))
 
     if "ingest" in only:

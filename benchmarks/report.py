@@ -92,5 +92,9 @@ def render(results: dict) -> str:
     for key, fn in (("ingest", ingest_table), ("encode", encode_table), ("incremental", incremental_table),
                     ("airflow", airflow_table)):
         if results.get(key):
-            parts.append(fn(results[key]))
+            section = fn(results[key])
+            cmd = results[key].get("command")
+            if cmd and cmd != results["command"]:
+                section += f"\n\n(made by `{cmd}` on {results[key].get('date')})"
+            parts.append(section)
     return "\n\n".join(parts) + "\n"
