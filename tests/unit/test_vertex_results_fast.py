@@ -132,9 +132,13 @@ def test_closing_the_stream_stops_the_parser_thread():
             closed.append(True)
             super().close()
 
-    before = threading.active_count()
+    def parser_threads():
+        return [t for t in threading.enumerate() if t.name == "reindex-result-parser" and t.is_alive()]
+
+    assert parser_threads() == []
     gen = stream_results(lambda r: Tracked(data), _ranges(data, 1), CLASSIC, DIM, block_lines=5, prefetch=1)
     next(gen)
+    assert len(parser_threads()) == 1
     gen.close()
     assert closed == [True]
-    assert threading.active_count() == before
+    assert parser_threads() == []
