@@ -52,3 +52,33 @@ def test_fp16_is_a_different_model_and_needs_cuda():
     spec = LocalEncoder("default", device="cpu").spec
     assert spec.precision == "fp32"
     assert dataclasses.replace(spec, precision="fp16").checksum != spec.checksum
+
+
+def test_prepare_ahead_keeps_order_and_errors():
+    from reindex.embeddings.local import _ahead
+
+    items = list(range(7))
+    assert list(_ahead(items, lambda i: i * i, threaded=True)) == [(i, i * i) for i in items]
+    assert list(_ahead(items, lambda i: i * i, threaded=False)) == [(i, i * i) for i in items]
+    assert list(_ahead([], lambda i: i, threaded=True)) == []
+
+    def boom(i):
+        if i == 3:
+            raise ValueError("bad batch")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item, _ in _ahead(items, boom, threaded=True):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_threaded_tokenization_gives_the_same_vectors(encoder, monkeypatch):
+    """The CUDA path (tokenizing ahead in a thread) forced on CPU: same vectors."""
+    from reindex.embeddings import local
+
+    plain = encoder.encode(TEXTS)
+    real = local._ahead
+    monkeypatch.setattr(local, "_ahead", lambda items, prepare, threaded: real(items, prepare, threaded=True))
+    np.testing.assert_array_equal(encoder.encode(TEXTS), plain)
