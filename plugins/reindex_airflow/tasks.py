@@ -222,10 +222,14 @@ def choose_branch(summary: dict) -> str:
     return "fail_batch"
 
 
+def _first_errors(summary: dict, n: int = 5) -> str:
+    return "; ".join(f"{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
+                     for e in summary.get("sample_errors", [])[:n])
+
+
 def fail_batch(summary: dict) -> None:
     """Fail the run loudly, with the batch's counts and the first error reasons."""
-    reasons = "; ".join(f"{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
-                        for e in summary.get("sample_errors", [])[:5])
+    reasons = _first_errors(summary)
     raise AirflowFailException(
         f"batch {summary['batch_id']} FAILED: {summary['ready']}/{summary['total']} chunks READY, "
         f"{summary['failed']} FAILED by reason {summary.get('counts_by_reason')}. First errors: {reasons or 'none'}"
@@ -325,8 +329,7 @@ def fail_upgrade(summary: dict, manifest: dict) -> None:
 
     with PgVectorHook().store() as store:
         release(store, manifest["corpus"], manifest["batch_id"])
-    reasons = "; ".join(f"{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
-                        for e in summary.get("sample_errors", [])[:5])
+    reasons = _first_errors(summary)
     raise AirflowFailException(
         f"upgrade batch {summary['batch_id']} not switched: {summary['failed']} of {summary['total']} chunks have no "
         f"vector for the target model, by reason {summary.get('counts_by_reason')}. The corpus still serves its "
