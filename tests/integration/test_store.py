@@ -184,3 +184,88 @@ def test_retry_claims_only_retriable_failures_and_repairs_them(store, emb):
     assert rows["d1#1"][3] == content_sha256("badtext")  # sanitized text, new hash
     assert rows["d1#3"][1:3] == ("FAILED", "INVALID_INPUT")  # terminal: left as it was
     assert claim["pending"] == 4
+
+
+def test_status_flip_is_a_hot_update(store, emb):
+    """Migration 3: no index of ``chunks`` holds the status, and pages keep 30 % free, so the READY flip
+    of a load is a heap-only-tuple update wherever the new row version fits on its page: on freshly
+    written pages (all 200 rows updated in one transaction) that is ~30/70 of them; before migration 3
+    (status in the batch index) it was none."""
+    (options,) = store.one("SELECT reloptions FROM pg_class WHERE oid = %s::regclass", (f"{store.schema}.chunks",))
+    assert "fillfactor=70" in options
+    indexes = {r[0]: r[1] for r in store.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s AND tablename = 'chunks'", (store.schema,))}
+    assert "chunks_batch_status_idx" not in indexes
+    assert "(batch_id, id)" in indexes["chunks_batch_idx"]
+    assert not any("embedding_status" in d for d in indexes.values())
+
+    _scan(store, "kb", "b1", {f"d{i}": [f"text {i} {j}" for j in range(5)] for i in range(40)})
+    rows = store.execute(sql.SQL("SELECT id, content_sha256 FROM {} ORDER BY id").format(store.t("chunks"))).fetchall()
+
+    def hot_updates():
+        store.execute("SELECT pg_stat_force_next_flush()")
+        return store.one("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = %s::regclass",
+                         (f"{store.schema}.chunks",))
+
+    upd0, hot0 = hot_updates()
+    assert load_vectors(store, emb, [r[0] for r in rows], [r[1] for r in rows], _unit(len(rows))) == 200
+    upd1, hot1 = hot_updates()
+    assert upd1 - upd0 == 200
+    assert hot1 - hot0 >= 0.4 * 200, f"{hot1 - hot0} of 200 status updates were HOT"
+
+
+def test_concurrent_loads_of_one_hash_serialize(store, emb):
+    """Two tasks loading the same content hash at once (a duplicated output line in two partitions):
+    both commit, the chunk ends with one vector — the one committed last — and READY."""
+    import threading
+
+    import psycopg
+
+    from reindex.store import Store
+    from reindex.store.vectors import load_vectors_by_hash
+
+    _scan(store, "kb", "b1", {"d1": ["same text", "other"], "d2": ["same text"]})
+    (sha,) = store.one(sql.SQL("SELECT DISTINCT content_sha256 FROM {} WHERE text = 'same text'").format(
+        store.t("chunks")))
+    uri = store.conn.info.dsn
+    vectors = {name: _unit(1, seed=seed) for name, seed in (("a", 1), ("b", 2))}
+    holder = psycopg.connect(uri, autocommit=True)
+    holder_store = Store(holder, store.schema)
+    holder.execute("BEGIN")  # hold the chunks' row locks as a first task would, mid-block
+    holder_store.execute(sql.SQL("UPDATE {} SET updated_at = now() WHERE content_sha256 = %s").format(
+        holder_store.t("chunks")), (sha,))
+    results = {}
+
+    def task(name):
+        with psycopg.connect(uri, autocommit=True) as conn:
+            results[name] = load_vectors_by_hash(Store(conn, store.schema), emb, "b1", [sha], vectors[name])
+
+    threads = [threading.Thread(target=task, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    threads[0].join(0.5)
+    assert not results, "the loads must wait for the row locks"
+    holder.execute("COMMIT")
+    holder.close()
+    for t in threads:
+        t.join(30)
+    assert results == {"a": 2, "b": 2}
+    stored = store.execute(sql.SQL("SELECT chunk_pk, embedding::text FROM {} WHERE content_sha256 = %s").format(
+        store.t(emb.table_name)), (sha,)).fetchall()
+    assert len(stored) == 2 and len({v for _, v in stored}) == 1
+    statuses = {r[1] for r in _chunks(store, "kb")}
+    assert statuses == {"READY", "PENDING"}  # "other" got no vector
+
+
+def test_copy_payload_reuses_one_buffer():
+    from reindex.store.vectors import copy_binary_payload
+
+    buf = bytearray()
+    big = copy_binary_payload(np.arange(5, dtype=np.int64), ["a" * 64] * 5, _unit(5), out=buf)
+    assert bytes(big) == copy_binary_payload(np.arange(5, dtype=np.int64), ["a" * 64] * 5, _unit(5))
+    del big
+    small = copy_binary_payload(np.arange(2, dtype=np.int64), ["b" * 64] * 2, _unit(2, seed=3), out=buf)
+    assert bytes(small) == copy_binary_payload(np.arange(2, dtype=np.int64), ["b" * 64] * 2, _unit(2, seed=3))
+    assert len(buf) >= len(small) and bytes(small).endswith(b"\xff\xff")
+    with pytest.raises(ValueError, match="'short' is not 64 hex characters"):
+        copy_binary_payload(np.arange(1, dtype=np.int64), ["short"], _unit(1))

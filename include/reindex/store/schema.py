@@ -19,6 +19,7 @@ _MIGRATION_LOCK = 0x5245494E444558  # "REINDEX"
 
 CHUNK_STATUSES = ("PENDING", "READY", "FAILED")
 BATCH_STATUSES = ("RUNNING", "COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED")
+CHUNKS_FILLFACTOR = 70  # room on each page for status updates to stay HOT (migration 3)
 
 
 def _v1(store: Store) -> None:
@@ -140,9 +141,23 @@ def _v2(store: Store) -> None:
             sql.Identifier(f"{table[:50]}_sha"), t(table)))
 
 
+def _v3(store: Store) -> None:
+    """HOT status updates on ``chunks``: the per-block READY/FAILED flip of a load touches no index.
+
+    ``embedding_status`` leaves the batch index (``(batch_id, id)``; queries filter the status in the
+    batch's range) and pages keep 30 % free for the new row versions. Pages written before this keep
+    their old fill until rewritten (``VACUUM FULL`` / ``CLUSTER`` at a quiet time; see the README).
+    """
+    t = store.t
+    store.execute(sql.SQL("ALTER TABLE {} SET (fillfactor = {})").format(t("chunks"), sql.Literal(CHUNKS_FILLFACTOR)))
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS chunks_batch_idx ON {} (batch_id, id)").format(t("chunks")))
+    store.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(store.schema, "chunks_batch_status_idx")))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
+    (3, "HOT status updates on chunks (fillfactor, batch index without the status)", _v3),
 ]
 
 

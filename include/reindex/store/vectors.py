@@ -1,20 +1,23 @@
 """Vector storage: one table per (corpus, model), bulk-loaded with COPY BINARY.
 
-``load_vectors`` stages a block of rows with ``COPY … FROM STDIN (FORMAT BINARY)`` — the payload
-is built with numpy for the whole block, not row by row — then upserts the vectors (replace
-semantics) and flips the chunks to READY in the same transaction. A vector is accepted only if
-its chunk still has the content hash it was computed from.
+``load_vectors`` / ``load_vectors_by_hash`` flip a block's chunks to READY (one UPDATE … RETURNING,
+which also locks them), delete the vectors they replace and COPY the block straight into the vector
+table (``COPY … FROM STDIN (FORMAT BINARY)``, the payload built in place with numpy for the whole
+block, each vector written once), in one transaction. A vector is accepted only if its chunk still has the content hash it was computed
+from.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from psycopg import sql
+from psycopg.errors import DeadlockDetected
 
 from reindex.config import IndexType
 from reindex.errors import ErrorCode, StoreError
@@ -164,63 +167,122 @@ def get_embedding_store(store: Store, corpus: str, model_checksum: str | None = 
     return EmbeddingStore(corpus, model_checksum, row[0], row[1])
 
 
-def copy_binary_payload(chunk_pks: np.ndarray, shas: Sequence[str], vectors: np.ndarray) -> bytes:
-    """COPY BINARY bytes for rows ``(chunk_pk bigint, content_sha256 char(64), embedding vector)``.
-
-    Every row has the same width, so the whole block is one numpy structured array.
-    """
-    n, dim = vectors.shape
-    if len(chunk_pks) != n or len(shas) != n:
-        raise ValueError(f"row count mismatch: {len(chunk_pks)} ids, {len(shas)} hashes, {n} vectors")
-    row = np.dtype([
+def _copy_row_dtype(dim: int) -> np.dtype:
+    return np.dtype([
         ("nfields", ">i2"), ("len_pk", ">i4"), ("pk", ">i8"),
         ("len_sha", ">i4"), ("sha", "S64"),
         ("len_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,)),
     ])
-    buf = np.empty(n, dtype=row)
-    buf["nfields"] = 3
-    buf["len_pk"] = 8
-    buf["pk"] = chunk_pks
-    buf["len_sha"] = 64
-    buf["sha"] = np.asarray(shas, dtype="S64")
-    buf["len_vec"] = 4 + 4 * dim
-    buf["dim"] = dim
-    buf["unused"] = 0
-    buf["vec"] = vectors
-    return _COPY_HEADER + buf.tobytes() + _COPY_TRAILER
 
 
-def _stage_vectors(store: Store, emb: EmbeddingStore, chunk_pks, shas: Sequence[str], vectors: np.ndarray) -> None:
-    """COPY one block into the transaction's ``stage_vectors`` temp table (binary, numpy-built)."""
+def _sha_array(shas: Sequence[str]) -> np.ndarray:
+    joined = "".join(shas).encode("ascii")
+    if len(joined) != 64 * len(shas):
+        bad = next(s for s in shas if len(s) != 64)
+        raise ValueError(f"content hash {bad!r} is not 64 hex characters")
+    return np.frombuffer(joined, dtype="S64")
+
+
+def copy_binary_payload(chunk_pks: np.ndarray, shas: Sequence[str], vectors: np.ndarray, *,
+                        out: bytearray | None = None) -> bytes | memoryview:
+    """COPY BINARY bytes for rows ``(chunk_pk bigint, content_sha256 char(64), embedding vector)``.
+
+    Every row has the same width, so the whole block is one numpy structured array written in place
+    (header, rows, trailer). With ``out`` the rows are written into that buffer (grown when needed)
+    and a view of it is returned: a load reuses one buffer instead of faulting in fresh pages per block.
+    """
+    n, dim = vectors.shape
+    if len(chunk_pks) != n or len(shas) != n:
+        raise ValueError(f"row count mismatch: {len(chunk_pks)} ids, {len(shas)} hashes, {n} vectors")
+    row = _copy_row_dtype(dim)
+    size = len(_COPY_HEADER) + n * row.itemsize + len(_COPY_TRAILER)
+    buf = out if out is not None else bytearray(size)
+    if len(buf) < size:
+        buf.extend(bytes(size - len(buf)))
+    buf[:len(_COPY_HEADER)] = _COPY_HEADER
+    rows = np.frombuffer(buf, dtype=row, count=n, offset=len(_COPY_HEADER))
+    rows["nfields"] = 3
+    rows["len_pk"] = 8
+    rows["pk"] = chunk_pks
+    rows["len_sha"] = 64
+    rows["sha"] = _sha_array(shas)
+    rows["len_vec"] = 4 + 4 * dim
+    rows["dim"] = dim
+    rows["unused"] = 0
+    rows["vec"] = vectors
+    del rows  # release the export before the caller may grow the buffer again
+    buf[size - len(_COPY_TRAILER):size] = _COPY_TRAILER
+    return bytes(buf) if out is None else memoryview(buf)[:size]
+
+
+_copy_buffers = threading.local()
+
+
+def _copy_buffer() -> bytearray:
+    """This thread's COPY buffer, reused across blocks (one block's payload: ~6 MB for 2,000 768-d rows)."""
+    buf = getattr(_copy_buffers, "buf", None)
+    if buf is None:
+        buf = _copy_buffers.buf = bytearray()
+    return buf
+
+
+def _check_shape(emb: EmbeddingStore, vectors: np.ndarray) -> None:
     if vectors.ndim != 2 or vectors.shape[1] != emb.dim:
         raise StoreError(f"vectors of shape {vectors.shape} do not fit {emb.table_name} (dimension {emb.dim})")
-    payload = copy_binary_payload(np.asarray(chunk_pks, dtype=np.int64), shas, vectors.astype(np.float32, copy=False))
-    store.execute(sql.SQL("""CREATE TEMP TABLE IF NOT EXISTS stage_vectors (
-        chunk_pk bigint, content_sha256 char(64), embedding vector({dim})) ON COMMIT DROP""").format(
-        dim=sql.Literal(emb.dim)))
-    with store.conn.cursor().copy("COPY stage_vectors FROM STDIN (FORMAT BINARY)") as copy:
-        copy.write(payload)
+
+
+_READY = "embedding_status = 'READY', error_code = NULL, error_message = NULL, updated_at = now()"
+DEADLOCK_RETRIES = 3
+
+
+def _load_block(store: Store, emb: EmbeddingStore, claim: sql.Composable, params: tuple, row_of: Callable[[tuple], int],
+                vectors: np.ndarray) -> int:
+    """One block, one transaction: ``claim`` flips the block's chunks to READY and returns their
+    ``(id, content_sha256)``; the vectors they had are deleted and the block is COPYed straight into the
+    vector table (each vector written once, in chunk id order). ``row_of`` maps a returned row to its
+    vector's row. A deadlock (two tasks sharing a content hash) rolls the block back and runs it again."""
+    t = store.t
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        try:
+            with store.conn.transaction():
+                found = store.execute(claim, params).fetchall()
+                if not found:
+                    return 0
+                found.sort()
+                pks = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
+                rows = np.fromiter((row_of(r) for r in found), dtype=np.int64, count=len(found))
+                store.execute(sql.SQL("DELETE FROM {} WHERE chunk_pk = ANY(%s)").format(t(emb.table_name)),
+                              (pks.tolist(),))
+                block = vectors if len(rows) == len(vectors) and (rows == np.arange(len(rows))).all() else vectors[rows]
+                payload = copy_binary_payload(pks, [r[1] for r in found], block, out=_copy_buffer())
+                with store.conn.cursor().copy(sql.SQL(
+                        "COPY {} (chunk_pk, content_sha256, embedding) FROM STDIN (FORMAT BINARY)").format(
+                        t(emb.table_name))) as copy:
+                    copy.write(payload)
+                del payload
+                return len(found)
+        except DeadlockDetected:
+            if attempt == DEADLOCK_RETRIES:
+                raise
+            log.warning("vector load into %s deadlocked with another task; retrying the block", emb.table_name)
+    raise AssertionError("unreachable")
 
 
 def load_vectors(store: Store, emb: EmbeddingStore, chunk_pks: Sequence[int], shas: Sequence[str],
                  vectors: np.ndarray) -> int:
-    """Upsert one block of vectors and mark their chunks READY, in one transaction. Returns rows loaded."""
+    """Store one block of vectors keyed by chunk id and mark those chunks READY, in one transaction.
+
+    A vector is kept only if its chunk still has the content hash it was computed from. Returns rows loaded.
+    """
     if len(chunk_pks) == 0:
         return 0
-    t = store.t
-    with store.conn.transaction():
-        _stage_vectors(store, emb, chunk_pks, shas, vectors)
-        loaded = store.execute(sql.SQL("""INSERT INTO {emb} AS e (chunk_pk, content_sha256, embedding)
-            SELECT s.chunk_pk, s.content_sha256, s.embedding FROM stage_vectors s
-            JOIN {chunks} c ON c.id = s.chunk_pk AND c.content_sha256 = s.content_sha256
-            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
-                embedding = EXCLUDED.embedding, updated_at = now()""").format(
-            emb=t(emb.table_name), chunks=t("chunks"))).rowcount
-        store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
-                error_message = NULL, updated_at = now()
-            FROM stage_vectors s WHERE c.id = s.chunk_pk AND c.content_sha256 = s.content_sha256""").format(
-            chunks=t("chunks")))
-    return loaded
+    _check_shape(emb, vectors)
+    index = {int(pk): i for i, pk in enumerate(chunk_pks)}
+    claim = sql.SQL("""UPDATE {chunks} c SET """ + _READY + """ FROM unnest(%s::bigint[], %s::char(64)[]) AS v(id, sha)
+        WHERE c.id = v.id AND c.content_sha256 = v.sha RETURNING c.id, c.content_sha256""").format(
+        chunks=store.t("chunks"))
+    return _load_block(store, emb, claim, (list(index), [shas[i] for i in index.values()]),
+                       lambda r: index[r[0]], vectors)
 
 
 def load_vectors_by_hash(store: Store, emb: EmbeddingStore, batch_id: str, shas: Sequence[str],
@@ -228,26 +290,18 @@ def load_vectors_by_hash(store: Store, emb: EmbeddingStore, batch_id: str, shas:
     """Load vectors keyed by content hash: each goes to every chunk of ``batch_id`` with that hash.
 
     This is how batch results are joined (by the echoed content / key, never by line order); a
-    text shared by several chunks is embedded once. Returns the number of chunk vectors loaded.
+    text shared by several chunks is embedded once (its vector is copied to each). The chunks are
+    found through ``(corpus, content_sha256)`` and flipped to READY by the same statement. Returns
+    the number of chunk vectors loaded.
     """
     if len(shas) == 0:
         return 0
-    t = store.t
-    with store.conn.transaction():
-        _stage_vectors(store, emb, np.zeros(len(shas), dtype=np.int64), shas, vectors)
-        store.execute("CREATE INDEX ON stage_vectors (content_sha256)")
-        loaded = store.execute(sql.SQL("""INSERT INTO {emb} AS e (chunk_pk, content_sha256, embedding)
-            SELECT DISTINCT ON (c.id) c.id, c.content_sha256, s.embedding FROM stage_vectors s
-            JOIN {chunks} c ON c.batch_id = %s AND c.content_sha256 = s.content_sha256
-            ORDER BY c.id
-            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
-                embedding = EXCLUDED.embedding, updated_at = now()""").format(
-            emb=t(emb.table_name), chunks=t("chunks")), (batch_id,)).rowcount
-        store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
-                error_message = NULL, updated_at = now()
-            WHERE c.batch_id = %s AND c.content_sha256 IN (SELECT content_sha256 FROM stage_vectors)""").format(
-            chunks=t("chunks")), (batch_id,))
-    return loaded
+    _check_shape(emb, vectors)
+    index = {sha: i for i, sha in enumerate(shas)}
+    claim = sql.SQL("""UPDATE {chunks} SET """ + _READY + """ WHERE corpus = %s
+        AND content_sha256 = ANY(%s::char(64)[]) AND batch_id = %s RETURNING id, content_sha256""").format(
+        chunks=store.t("chunks"))
+    return _load_block(store, emb, claim, (emb.corpus, list(index), batch_id), lambda r: index[r[1]], vectors)
 
 
 def _record_failures(store: Store, key_type: str, rows: list[tuple], match: sql.Composable, params=()) -> int:

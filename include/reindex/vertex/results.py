@@ -453,15 +453,19 @@ class BlockParser:
         if not raw:
             return
         self.lines += 1
-        where = f"{source or 'output'} byte {offset}" + (f" line {line_no}" if line_no is not None else "")
         split = self._splitter.split(raw) if FAST_VALUES else None
         if split is not None:
             try:
                 obj = orjson.loads(split[0])
             except orjson.JSONDecodeError:
                 obj = None  # the whole line is parsed below, for the same message as without the fast path
+            if obj is not None and self.family == CLASSIC and self._take_clean_classic(obj, split[1]):
+                return
+            where = f"{source or 'output'} byte {offset}" + (f" line {line_no}" if line_no is not None else "")
             if obj is not None and self._take(obj, where, split[1]):
                 return
+        else:
+            where = f"{source or 'output'} byte {offset}" + (f" line {line_no}" if line_no is not None else "")
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -469,6 +473,35 @@ class BlockParser:
                        f"{where}: malformed or truncated JSON ({e})")
             return
         self._take(obj, where)
+
+    def _take_clean_classic(self, obj, array: np.ndarray) -> bool:
+        """The common line, checked without building messages: a classic success with no error or
+        status, not truncated, of the right dimension, a new key. Anything else returns False and
+        goes through ``_take`` (same outcome as if this did not exist)."""
+        try:
+            content = obj["instance"]["content"]
+            emb = obj["predictions"][0]["embeddings"]
+            values = emb["values"]
+        except (KeyError, IndexError, TypeError):
+            return False
+        if (type(content) is not str or type(values) is not list or values or obj.get("error")
+                or obj.get("status") or len(array) != self.dim):
+            return False
+        stats = emb.get("statistics")
+        if type(stats) is dict and stats.get("truncated") is True:
+            return False
+        key = content_key(content)
+        if key in self._rows:
+            return False
+        n = len(self._keys)
+        if self._vectors is None or n == len(self._vectors):
+            return False  # allocation and growth stay in _take
+        self._vectors[n] = array
+        self._keys.append(key)
+        self._rows[key] = n
+        if type(stats) is dict and isinstance(stats.get("token_count"), int | float):
+            self._tokens += int(stats["token_count"])
+        return True
 
     def _take(self, obj, where: str, array: np.ndarray | None = None) -> bool:
         """Record the outcome of a parsed line. With ``array`` (the fast path's values, cut out of the
