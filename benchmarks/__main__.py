@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         "at this many lines (e.g. 1000000: ~16 GB of JSONL, ~10 min setup)")
     parser.add_argument("--no-gcs", action="store_true", help="ingest: skip the GCS-emulator run")
     parser.add_argument("--no-variants", action="store_true", help="ingest: skip before/proposal variants")
+    parser.add_argument("--ingest-tasks", default="2,4",
+                        help="ingest: also run the project path with this many task processes at once (comma list)")
     parser.add_argument("--repeat", type=int, default=1, help="ingest/encode: runs per method, fastest kept")
     parser.add_argument("--encode-texts", type=int, default=2000)
     parser.add_argument("--device", default="cpu", help="encode: cpu or cuda")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import ingest
 
         results["ingest"] = ingest.run(args.dir, lines=args.lines, gcs=not args.no_gcs, variants=not args.no_variants,
-                                       rss_lines=args.rss_lines or None, repeat=args.repeat)
+                                       rss_lines=args.rss_lines or None, repeat=args.repeat,
+                                       task_counts=tuple(int(n) for n in args.ingest_tasks.split(",") if n.strip()))
         save()
     if "encode" in only:
         from benchmarks import encode

@@ -174,7 +174,7 @@ def halfvec_payload(pks: np.ndarray, shas: list[str], vectors: np.ndarray) -> by
 
 def setup_halfvec(manifest: dict) -> str:
     """The same vectors as ``limit.bin`` rounded to half floats, and an empty ``halfvec`` twin of the vector
-    table (same columns and indexes): what a ``halfvec`` storage option would load (proposal P4)."""
+    table (same columns and indexes): what the ``halfvec`` storage option loads."""
     from psycopg import sql
 
     from reindex.store.vectors import copy_binary_payload
@@ -221,20 +221,13 @@ def method_limit_halfvec(p: dict) -> dict:
     return {"seconds": seconds, "rows": p["n"], "table_mib": round(size_half / 2**20, 1)}
 
 
-def reset(manifest: dict, storage: str = "EXTERNAL") -> None:
-    """Empty the vector table, chunks back to PENDING, vacuum and checkpoint (same start for every method).
-
-    ``storage`` is the vector column's storage (``EXTERNAL``: pgvector's default, out of line;
-    ``PLAIN``: inline, proposal P3)."""
+def reset(manifest: dict) -> None:
+    """Empty the vector table, chunks back to PENDING, vacuum and checkpoint (same start for every method)."""
     from psycopg import sql
 
-    if storage not in ("EXTERNAL", "PLAIN", "EXTENDED", "MAIN"):
-        raise ValueError(storage)
     store = _connect(manifest["uri"], manifest["schema"])
     with contextlib.closing(store.conn):
         store.execute(sql.SQL("TRUNCATE {}").format(store.t(manifest["table"])))
-        store.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET STORAGE {}").format(
-            store.t(manifest["table"]), sql.SQL(storage)))
         store.execute(sql.SQL("""UPDATE {} SET embedding_status = 'PENDING', error_code = NULL, error_message = NULL
             WHERE batch_id = %s AND embedding_status <> 'PENDING'""").format(store.t("chunks")), (BATCH_ID,))
         store.execute(sql.SQL("VACUUM ANALYZE {}").format(store.t("chunks")))
@@ -391,11 +384,14 @@ def method_pgvector(p: dict) -> dict:
     return {"seconds": time.perf_counter() - t0, "rows": loaded}
 
 
-def method_project(p: dict) -> dict:
-    """``ingest_ranges`` per partition, as the mapped ``ingest_results`` task runs it."""
+_task: dict = {}
+
+
+def _task_init(p: dict) -> None:
+    """One "task" process: its own connection, as each mapped ``ingest_results`` task has."""
     from reindex.backends import backend_for
     from reindex.store.vectors import get_embedding_store
-    from reindex.vertex import batch, results
+    from reindex.vertex import results
 
     variant = p.get("variant") or {}
     if "prefetch" in variant:
@@ -406,38 +402,77 @@ def method_project(p: dict) -> dict:
         from benchmarks import proposals
 
         proposals.apply(variant["proposal"])
-    cfg = _config(Path(p["corpus_dir"]))
-    backend = backend_for(cfg)
-    spec = backend.model_spec()
+    backend = backend_for(_config(Path(p["corpus_dir"])))
     store = _connect(p["uri"], p["schema"])
-    emb = get_embedding_store(store, CORPUS, p["model_checksum"])
     client = None
-    t0 = time.perf_counter()
     if p.get("gcs_url"):
         from reindex.emulators.gcs import anonymous_client
 
         client = anonymous_client(p["gcs_url"])
-        partitions = batch.plan_result_ranges(client, [f"gs://{BUCKET}/{OUTPUT_DIR}"])
-        opener = None
+    _task.update(store=store, emb=get_embedding_store(store, CORPUS, p["model_checksum"]), spec=backend.model_spec(),
+                 family=backend.family, client=client, block_lines=variant.get("block_lines"))
+
+
+def _local_open(r):
+    return open(r.uri, "rb")  # noqa: SIM115 - stream_results closes it
+
+
+def _task_ingest(ranges: list[dict]) -> dict:
+    from reindex.vertex import batch
+
+    extra = {"block_lines": int(_task["block_lines"])} if _task["block_lines"] else {}
+    out = batch.ingest_ranges(_task["store"], _task["emb"], _task["spec"], BATCH_ID, ranges, _task["family"],
+                              storage_client=_task["client"], open_range=None if _task["client"] else _local_open,
+                              **extra)
+    return {k: out[k] for k in ("ready", "failed", "lines")}
+
+
+def _task_ready(_) -> int:
+    return os.getpid()
+
+
+def method_project(p: dict) -> dict:
+    """``ingest_ranges`` per partition, as the mapped ``ingest_results`` task runs it: with ``tasks`` = 1 one
+    partition after the other in this process; with ``tasks`` = N, N task processes (forked, each with its
+    own connection, started before the clock) take the partitions in order, as N mapped task instances
+    running at once do (the DAG allows 4: ``max_active_tis_per_dagrun``). Peak RSS is per task process."""
+    from reindex.vertex import batch, results
+
+    tasks = int(p.get("tasks") or 1)
+    if p.get("gcs_url"):
+        from reindex.emulators.gcs import anonymous_client
+
+        partitions = batch.plan_result_ranges(anonymous_client(p["gcs_url"]), [f"gs://{BUCKET}/{OUTPUT_DIR}"])
     else:
         files = [(f, Path(f).stat().st_size) for f in p["files"]]
         partitions = [[r.to_dict() for r in group] for group in results.group_by_partition(
             results.plan_ranges(files, target_bytes=batch.DEFAULT_RANGE_BYTES))]
-
-        def opener(r):
-            return open(r.uri, "rb")  # noqa: SIM115 - stream_results closes it
-
     counts = {"ready": 0, "failed": 0, "lines": 0}
-    for ranges in partitions:
-        extra = {"block_lines": int(variant["block_lines"])} if "block_lines" in variant else {}
-        out = batch.ingest_ranges(store, emb, spec, BATCH_ID, ranges, backend.family, storage_client=client,
-                                  open_range=opener, **extra)
+    if tasks == 1:
+        _task_init(p)
+        t0 = time.perf_counter()
+        outs = [_task_ingest(ranges) for ranges in partitions]
+        seconds = time.perf_counter() - t0
+        rss = peak_rss_mib()
+    else:
+        import multiprocessing
+        import resource
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(tasks, mp_context=multiprocessing.get_context("fork"), initializer=_task_init,
+                                 initargs=(p,)) as pool:
+            list(pool.map(_task_ready, range(4 * tasks)))  # every process started and connected
+            t0 = time.perf_counter()
+            outs = list(pool.map(_task_ingest, partitions))
+            seconds = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    for out in outs:
         for k in counts:
             counts[k] += out[k]
-    seconds = time.perf_counter() - t0
     if counts["failed"] or counts["ready"] != p["n"]:
         raise RuntimeError(f"ingest_ranges: {counts}")
-    return {"seconds": seconds, "rows": counts["ready"], "partitions": len(partitions)}
+    return {"seconds": seconds, "rows": counts["ready"], "partitions": len(partitions), "tasks": tasks,
+            "task_rss_mib": round(rss, 1)}
 
 
 METHODS = {"limit": method_limit, "seed": method_seed, "pgvector": method_pgvector, "project": method_project,
@@ -447,7 +482,7 @@ METHODS = {"limit": method_limit, "seed": method_seed, "pgvector": method_pgvect
 def worker(params: dict) -> dict:
     logging.basicConfig(level=logging.WARNING)
     out = METHODS[params["method"]](params)
-    out["rss_mib"] = round(peak_rss_mib(), 1)
+    out["rss_mib"] = round(max(peak_rss_mib(), out.pop("task_rss_mib", 0)), 1)
     out["seconds"] = round(out["seconds"], 3)
     return out
 
@@ -457,7 +492,8 @@ def worker(params: dict) -> dict:
 
 
 def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = None, gcs: bool = True,
-        rss_lines: int | None = None, variants: bool = True, repeat: int = 1) -> dict:
+        rss_lines: int | None = None, variants: bool = True, repeat: int = 1,
+        task_counts: tuple[int, ...] = (2, 4)) -> dict:
     """Measure every method at ``lines``; with ``rss_lines`` (e.g. 1M) measure the project path there too.
 
     ``repeat`` > 1 runs the limit and the project rows that many times (alternating) and keeps the
@@ -472,31 +508,29 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
     plan: list[tuple[str, str, dict]] = []
     for m in methods:
         if m == "project":
-            plan.append(("project (local disk)", "project", {}))
+            plan.append(("project (local disk), 1 task at a time", "project", {}))
+            for n in task_counts:
+                plan.append((f"project (local disk), {n} tasks at a time", "project", {"tasks": n}))
             if gcs:
-                plan.append(("project (GCS emulator)", "project", {"gcs": True}))
+                plan.append(("project (GCS emulator), 1 task at a time", "project", {"gcs": True}))
             if variants:
-                plan.append(("project, before this issue (orjson, no overlap)", "project",
+                plan.append(("project, staged upsert (the load before P1/P5), 1 task", "project",
+                             {"variant": {"proposal": "staged"}}))
+                plan.append(("project, orjson parse without read-ahead, 1 task", "project",
                              {"variant": {"prefetch": 0, "fast_values": False}}))
-                plan.append(("project + P1 (direct COPY)", "project", {"variant": {"proposal": "P1"}}))
-                plan.append(("project + P1 + P2 (500-line blocks)", "project",
-                             {"variant": {"proposal": "P1", "block_lines": 500, "prefetch": 2}}))
         else:
             plan.append((m, m, {}))
     if variants and "limit" in methods and "project" in methods:
         base["halfvec_file"] = setup_halfvec(manifest)
-        plan.append(("limit, halfvec(768) table (P4)", "limit_halfvec", {}))
-        plan.append(("limit, STORAGE PLAIN (P3)", "limit", {"storage": "PLAIN"}))
-        plan.append(("project + P1 + P3 (STORAGE PLAIN)", "project", {"variant": {"proposal": "P1"},
-                                                                     "storage": "PLAIN"}))
+        plan.append(("limit, halfvec(768) table", "limit_halfvec", {}))
     results: dict[str, list[dict]] = {}
     reference = None
     for attempt in range(max(1, repeat)):
         for label, method, extra in plan:
             if attempt and method in ("seed", "pgvector"):
                 continue
-            reset(manifest, extra.get("storage", "EXTERNAL"))
-            params = {**base, **{k: v for k, v in extra.items() if k not in ("gcs", "storage")}, "method": method}
+            reset(manifest)
+            params = {**base, **{k: v for k, v in extra.items() if k != "gcs"}, "method": method}
             load = os.getloadavg()[0]
             if extra.get("gcs"):
                 with gcs_emulator(manifest) as url:
@@ -521,12 +555,10 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
         best["runs_seconds"] = [r["seconds"] for r in runs]
         rows.append(best)
     limit = next((r["seconds"] for r in rows if r["label"] == "limit"), None)
-    limit_plain = next((r["seconds"] for r in rows if r["label"].startswith("limit, STORAGE PLAIN")), None)
     seed = next((r["seconds"] for r in rows if r["label"] == "seed"), None)
     for r in rows:
         r["rows_per_s"] = round(r["rows"] / r["seconds"], 1)
-        ref = limit_plain if "PLAIN" in r["label"] and limit_plain else limit
-        r["x_limit"] = round(ref / r["seconds"], 3) if ref else None
+        r["x_limit"] = round(limit / r["seconds"], 3) if limit else None
         r["x_seed"] = round(seed / r["seconds"], 2) if seed else None
     report = {"lines": lines, "bytes": manifest["bytes"], "dim": DIM, "methods": rows}
     if rss_lines:

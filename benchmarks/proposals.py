@@ -1,8 +1,9 @@
-"""Proposed changes to ``reindex.store.vectors``, measured by the suite before they are applied there.
+"""Earlier versions of store functions, swapped in by the suite in the measuring process only, so that a
+change is measured against what it replaced in the same run (``--no-variants`` skips them).
 
-``apply("P1")`` swaps ``reindex.vertex.batch.load_vectors_by_hash`` for ``load_vectors_by_hash_direct``
-in the measuring process only. The exact diff for ``include/reindex/store/vectors.py`` is in
-``benchmarks/PROPOSALS.md``.
+``apply("staged")`` restores the vector load as it was before P1 (``benchmarks/PROPOSALS.md``): each block
+COPYed into a temp table, then ``INSERT … SELECT … JOIN chunks … ON CONFLICT`` (every vector written a
+second time) and a separate status ``UPDATE``. (P5, the HOT status updates, is a schema change and stays.)
 """
 
 from __future__ import annotations
@@ -16,43 +17,38 @@ from reindex.store import Store
 from reindex.store.vectors import EmbeddingStore, copy_binary_payload
 
 
-def load_vectors_by_hash_direct(store: Store, emb: EmbeddingStore, batch_id: str, shas: Sequence[str],
+def load_vectors_by_hash_staged(store: Store, emb: EmbeddingStore, batch_id: str, shas: Sequence[str],
                                 vectors: np.ndarray) -> int:
-    """P1: look the batch's chunks up by (corpus, content hash) — index scan, rows locked — then COPY the
-    block straight into the vector table (after deleting rows being replaced) and flip the chunks to
-    READY; one transaction. Same result as the staged upsert, without a temp table, its index, the
-    INSERT … SELECT and a second TOAST pass over every vector."""
+    """The load before P1: stage, index the stage, upsert by join, flip the statuses."""
     if len(shas) == 0:
         return 0
-    if vectors.ndim != 2 or vectors.shape[1] != emb.dim:
-        from reindex.errors import StoreError
-
-        raise StoreError(f"vectors of shape {vectors.shape} do not fit {emb.table_name} (dimension {emb.dim})")
     t = store.t
-    row_of = {sha: i for i, sha in enumerate(shas)}
     with store.conn.transaction():
-        found = store.execute(sql.SQL("""SELECT id, content_sha256 FROM {chunks}
-            WHERE corpus = %s AND content_sha256 = ANY(%s::char(64)[]) AND batch_id = %s ORDER BY id FOR UPDATE""").format(
-            chunks=t("chunks")), (emb.corpus, list(shas), batch_id)).fetchall()
-        if not found:
-            return 0
-        pks = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
-        rows = np.fromiter((row_of[r[1]] for r in found), dtype=np.int64, count=len(found))
-        store.execute(sql.SQL("DELETE FROM {} WHERE chunk_pk = ANY(%s)").format(t(emb.table_name)), (pks.tolist(),))
-        payload = copy_binary_payload(pks, [r[1] for r in found], vectors[rows].astype(np.float32, copy=False))
-        with store.conn.cursor().copy(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM STDIN (FORMAT BINARY)")
-                                      .format(t(emb.table_name))) as copy:
+        payload = copy_binary_payload(np.zeros(len(shas), dtype=np.int64), shas, vectors.astype(np.float32, copy=False))
+        store.execute(sql.SQL("""CREATE TEMP TABLE IF NOT EXISTS stage_vectors (
+            chunk_pk bigint, content_sha256 char(64), embedding vector({dim})) ON COMMIT DROP""").format(
+            dim=sql.Literal(emb.dim)))
+        with store.conn.cursor().copy("COPY stage_vectors FROM STDIN (FORMAT BINARY)") as copy:
             copy.write(payload)
-        store.execute(sql.SQL("""UPDATE {chunks} SET embedding_status = 'READY', error_code = NULL,
-                error_message = NULL, updated_at = now() WHERE id = ANY(%s)""").format(chunks=t("chunks")),
-                      (pks.tolist(),))
-    return len(found)
+        store.execute("CREATE INDEX ON stage_vectors (content_sha256)")
+        loaded = store.execute(sql.SQL("""INSERT INTO {emb} AS e (chunk_pk, content_sha256, embedding)
+            SELECT DISTINCT ON (c.id) c.id, c.content_sha256, s.embedding FROM stage_vectors s
+            JOIN {chunks} c ON c.batch_id = %s AND c.content_sha256 = s.content_sha256
+            ORDER BY c.id
+            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
+                embedding = EXCLUDED.embedding, updated_at = now()""").format(
+            emb=t(emb.table_name), chunks=t("chunks")), (batch_id,)).rowcount
+        store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
+                error_message = NULL, updated_at = now()
+            WHERE c.batch_id = %s AND c.content_sha256 IN (SELECT content_sha256 FROM stage_vectors)""").format(
+            chunks=t("chunks")), (batch_id,))
+    return loaded
 
 
 def apply(name: str) -> None:
     from reindex.vertex import batch
 
-    if name == "P1":
-        batch.load_vectors_by_hash = load_vectors_by_hash_direct
+    if name == "staged":
+        batch.load_vectors_by_hash = load_vectors_by_hash_staged
     else:
-        raise ValueError(f"unknown proposal {name!r}")
+        raise ValueError(f"unknown variant {name!r}")

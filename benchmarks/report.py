@@ -26,8 +26,8 @@ def ingest_table(r: dict) -> str:
         out += ["", "Vector table size after the COPY (heap + TOAST + indexes): " + "; ".join(sizes) + "."]
     if r.get("rss"):
         b = r["rss"]
-        small = next(m for m in r["methods"] if m["label"] == "project (local disk)")
-        out += ["", f"Peak RSS of the project path (local disk): {small['rss_mib']:,.0f} MiB at {r['lines']:,} lines, "
+        small = next(m for m in r["methods"] if m["label"].startswith("project (local disk)"))
+        out += ["", f"Peak RSS of the project path (local disk, 1 task): {small['rss_mib']:,.0f} MiB at {r['lines']:,} lines, "
                     f"{b['rss_mib']:,.0f} MiB at {b['lines']:,} lines ({b['bytes'] / 2**30:,.1f} GiB JSONL, "
                     f"{b['seconds']:,.0f} s, {b['rows_per_s']:,.0f} rows/s, {b['ready']:,} READY)."]
     return "\n".join(out)
