@@ -231,6 +231,12 @@ def _check_shape(emb: EmbeddingStore, vectors: np.ndarray) -> None:
         raise StoreError(f"vectors of shape {vectors.shape} do not fit {emb.table_name} (dimension {emb.dim})")
 
 
+def _csv(values) -> str:
+    """Ids or hashes as one comma-separated text parameter (``string_to_array`` on the server): psycopg's
+    list dumper costs ~3 µs per element in Python, this ~0.1 µs."""
+    return ",".join(map(str, values))
+
+
 _READY = "embedding_status = 'READY', error_code = NULL, error_message = NULL, updated_at = now()"
 DEADLOCK_RETRIES = 3
 
@@ -251,8 +257,8 @@ def _load_block(store: Store, emb: EmbeddingStore, claim: sql.Composable, params
                 found.sort()
                 pks = np.fromiter((r[0] for r in found), dtype=np.int64, count=len(found))
                 rows = np.fromiter((row_of(r) for r in found), dtype=np.int64, count=len(found))
-                store.execute(sql.SQL("DELETE FROM {} WHERE chunk_pk = ANY(%s)").format(t(emb.table_name)),
-                              (pks.tolist(),))
+                store.execute(sql.SQL("DELETE FROM {} WHERE chunk_pk = ANY(string_to_array(%s, ',')::bigint[])")
+                              .format(t(emb.table_name)), (_csv(pks),))
                 block = vectors if len(rows) == len(vectors) and (rows == np.arange(len(rows))).all() else vectors[rows]
                 payload = copy_binary_payload(pks, [r[1] for r in found], block, out=_copy_buffer())
                 with store.conn.cursor().copy(sql.SQL(
@@ -278,10 +284,11 @@ def load_vectors(store: Store, emb: EmbeddingStore, chunk_pks: Sequence[int], sh
         return 0
     _check_shape(emb, vectors)
     index = {int(pk): i for i, pk in enumerate(chunk_pks)}
-    claim = sql.SQL("""UPDATE {chunks} c SET """ + _READY + """ FROM unnest(%s::bigint[], %s::char(64)[]) AS v(id, sha)
+    claim = sql.SQL("""UPDATE {chunks} c SET """ + _READY + """
+        FROM unnest(string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')::char(64)[]) AS v(id, sha)
         WHERE c.id = v.id AND c.content_sha256 = v.sha RETURNING c.id, c.content_sha256""").format(
         chunks=store.t("chunks"))
-    return _load_block(store, emb, claim, (list(index), [shas[i] for i in index.values()]),
+    return _load_block(store, emb, claim, (_csv(index), _csv(shas[i] for i in index.values())),
                        lambda r: index[r[0]], vectors)
 
 
@@ -299,9 +306,9 @@ def load_vectors_by_hash(store: Store, emb: EmbeddingStore, batch_id: str, shas:
     _check_shape(emb, vectors)
     index = {sha: i for i, sha in enumerate(shas)}
     claim = sql.SQL("""UPDATE {chunks} SET """ + _READY + """ WHERE corpus = %s
-        AND content_sha256 = ANY(%s::char(64)[]) AND batch_id = %s RETURNING id, content_sha256""").format(
-        chunks=store.t("chunks"))
-    return _load_block(store, emb, claim, (emb.corpus, list(index), batch_id), lambda r: index[r[1]], vectors)
+        AND content_sha256 = ANY(string_to_array(%s, ',')::char(64)[]) AND batch_id = %s
+        RETURNING id, content_sha256""").format(chunks=store.t("chunks"))
+    return _load_block(store, emb, claim, (emb.corpus, _csv(index), batch_id), lambda r: index[r[1]], vectors)
 
 
 def _record_failures(store: Store, key_type: str, rows: list[tuple], match: sql.Composable, params=()) -> int:
