@@ -1,8 +1,8 @@
 """Embedding backends, chosen by configuration (``ReindexConfig.backend``), never by scattered ``if``s.
 
-A backend knows its model (spec, tokenizer, token limit) and how a partition of chunks gets its
-vectors. ``local`` encodes in the worker with sentence-transformers; ``vertex`` writes request
-files to GCS and runs Vertex AI batch prediction jobs.
+A backend knows its model (spec, stored as the run's ``storage``; tokenizer; token limit) and how a
+partition of chunks gets its vectors. ``local`` encodes in the worker with sentence-transformers;
+``vertex`` writes request files to GCS and runs Vertex AI batch prediction jobs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LocalBackend:
         return self._encoder
 
     def model_spec(self) -> ModelSpec:
-        return self.encoder.spec
+        return self.encoder.spec.stored_as(self.cfg.storage)
 
     def tokenizer_path(self) -> Path:
         return resolve_model_path(self.cfg.model)
@@ -65,7 +65,7 @@ class VertexBackend:
     def model_spec(self) -> ModelSpec:
         from reindex.vertex.settings import vertex_model_spec
 
-        return vertex_model_spec(self.cfg.model, self.cfg.output_dimensionality)
+        return vertex_model_spec(self.cfg.model, self.cfg.output_dimensionality).stored_as(self.cfg.storage)
 
     def tokenizer_path(self) -> Path:
         return resolve_model_path("default")

@@ -46,10 +46,10 @@ def _status(args) -> int:
     for code, n in st["failed_by_reason"].items():
         print(f"    FAILED {code}: {n}")
     print(f"  model      {m['model_id']} ({m['dim']}-d, normalized={m['normalized']}, checksum {m['checksum']})")
-    print(f"  vectors    {st['vector_table']} (index {st['index']})")
+    print(f"  vectors    {st['vector_table']} ({m['storage']}, index {st['index']})")
     for s in st["stores"]:
         if s["table"] != st["vector_table"]:
-            print(f"             {s['table']} [{s['status']}] {s['dim']}-d (index {s['index']})")
+            print(f"             {s['table']} [{s['status']}] {s['dim']}-d ({s['storage']}, index {s['index']})")
     if st["lease"]:
         print(f"  busy       run {st['lease']['run_id']} (batch {st['lease']['batch_id']}) since {st['lease']['since']}")
     if b:
@@ -59,7 +59,7 @@ def _status(args) -> int:
 
 
 def _search(args) -> int:
-    from reindex.config import Backend
+    from reindex.config import Backend, Storage
     from reindex.embeddings.local import LocalEncoder
     from reindex.store import Store, connect
     from reindex.store.search import search
@@ -77,8 +77,9 @@ def _search(args) -> int:
                   "encodes queries locally only", file=sys.stderr)
             return 2
         encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True))
-        if encoder.spec.checksum != active["model_checksum"]:
-            print(f"model {encoder.model_name!r} (checksum {encoder.spec.checksum}) is not the corpus's active model "
+        checksum = encoder.spec.stored_as(conf.get("storage", Storage.VECTOR)).checksum
+        if checksum != active["model_checksum"]:
+            print(f"model {encoder.model_name!r} (checksum {checksum}) is not the corpus's active model "
                   f"({active['model_checksum']})", file=sys.stderr)
             return 2
         hits = search(store, args.corpus, encoder.encode([args.query])[0], k=args.k,

@@ -38,6 +38,18 @@ class IndexType(StrEnum):
 DEFAULT_MODELS = {Backend.LOCAL: DEFAULT_MODEL, Backend.VERTEX: "text-embedding-005"}
 
 
+class Storage(StrEnum):
+    """The pgvector column type of a store: ``halfvec`` keeps half floats (half the table, faster COPY,
+    top-10 recall ~99.98 % of float32 in benchmarks/README.md) and is part of the model checksum."""
+
+    VECTOR = "vector"  # float32
+    HALFVEC = "halfvec"  # IEEE half floats, |x| <= 65504
+
+
+# pgvector indexes (HNSW, IVFFlat) take vectors of at most this many dimensions per column type.
+INDEX_MAX_DIMS = {Storage.VECTOR: 2000, Storage.HALFVEC: 4000}
+
+
 class OnBusy(StrEnum):
     """What a run does when another run holds the corpus's lease."""
 
@@ -75,6 +87,7 @@ class ReindexConfig:
     partition_size: int = 2000
     encode_batch_size: int = 64
     index_type: IndexType = IndexType.HNSW
+    storage: Storage = Storage.VECTOR  # in the model checksum: a corpus switches via reindex_model_upgrade
     force: bool = False
     max_document_bytes: int = 64 * 1024 * 1024
     output_dimensionality: int | None = None  # Vertex: requested vector size (None: the model's default)
@@ -101,6 +114,12 @@ class ReindexConfig:
         except ValueError:
             raise ConfigError(
                 f"index_type {self.index_type!r} is not supported: choose one of {[i.value for i in IndexType]}"
+            ) from None
+        try:
+            object.__setattr__(self, "storage", Storage(self.storage or Storage.VECTOR))
+        except ValueError:
+            raise ConfigError(
+                f"storage {self.storage!r} is not supported: choose one of {[s.value for s in Storage]}"
             ) from None
         if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
             # No model named: the corpus's active one, else the backend's default for a new corpus.
@@ -138,5 +157,6 @@ class ReindexConfig:
         d = asdict(self)
         d["backend"] = self.backend.value
         d["index_type"] = self.index_type.value
+        d["storage"] = self.storage.value
         d["on_busy"] = self.on_busy.value
         return d

@@ -10,6 +10,8 @@ Two sources, merged by corpus name (the second wins): a YAML file in the reposit
         uri: gs://bucket/kb/       # corpus URI (required): directory, file, file:// or gs://
         backend: local             # local | vertex (default local)
         model: all-MiniLM-L6-v2    # seeds a new corpus; afterwards the corpus's active model is used
+        storage: halfvec           # vector | halfvec: seeds a new corpus too (empty: vector); an existing
+                                   # corpus keeps its own (switch with reindex_model_upgrade)
         enabled: true              # false: skipped by the nightly run
         max_tokens: 200            # any other reindex_corpus parameter
 
@@ -72,6 +74,8 @@ def entry_config(entry: dict[str, Any], source: str, index: int) -> dict[str, An
     out = {k: v for k, v in conf.items() if v is not None}
     out["follow_active_model"] = True
     out["model"] = cfg.model
+    if "storage" in out:  # an empty value is the default, which the Params form's enum spells "vector"
+        out["storage"] = cfg.storage.value
     return out
 
 

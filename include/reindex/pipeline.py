@@ -18,10 +18,11 @@ from psycopg import sql
 
 from reindex.backends import backend_for
 from reindex.chunking import TokenChunker, chunking_signature, load_tokenizer
-from reindex.config import Backend, OnBusy, ReindexConfig
+from reindex.config import INDEX_MAX_DIMS, Backend, IndexType, OnBusy, ReindexConfig, Storage
 from reindex.corpus import CorpusPath, CorpusReader, Document, FailedDocument
 from reindex.embeddings.validation import validate_vectors
 from reindex.errors import ConfigError, EmptyCorpusError, ErrorCode, StoreError
+from reindex.models import ModelSpec
 from reindex.status import BatchSummary
 from reindex.store import Store, leases
 from reindex.store import batches as batches_store
@@ -53,10 +54,24 @@ def check_token_limit(cfg: ReindexConfig, limit: int | None) -> None:
         )
 
 
+def check_index_dim(cfg: ReindexConfig, spec: ModelSpec) -> None:
+    """pgvector indexes at most 2,000 dimensions of ``vector`` and 4,000 of ``halfvec``: refuse before any
+    embedding is paid for rather than when the index is built."""
+    limit = INDEX_MAX_DIMS[cfg.storage]
+    if cfg.index_type == IndexType.NONE or spec.dim <= limit:
+        return
+    ways = [f"storage={s.value}" for s, most in INDEX_MAX_DIMS.items() if spec.dim <= most]
+    raise ConfigError(
+        f"model {cfg.model!r} makes {spec.dim}-d vectors, but pgvector's {cfg.index_type.value} index on "
+        f"{cfg.storage.value} takes at most {limit} dimensions: choose "
+        + ", ".join([*ways, "a smaller output_dimensionality", "index_type=none"])
+    )
+
+
 def model_config(cfg: ReindexConfig) -> dict:
     """What the model registry keeps so a later run (nightly, search) can load the same model again."""
     return {"model": cfg.model, "backend": cfg.backend.value, "output_dimensionality": cfg.output_dimensionality,
-            "normalize": cfg.normalize}
+            "normalize": cfg.normalize, "storage": cfg.storage.value}
 
 
 def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
@@ -72,18 +87,22 @@ def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
         conf = (active["details"] or {}).get("config") or {"model": active["model_id"], "backend": active["backend"]}
         resolved = dataclasses.replace(
             cfg, model=conf["model"], backend=Backend(conf["backend"]),
-            output_dimensionality=conf.get("output_dimensionality"), normalize=conf.get("normalize", True))
-        if (resolved.model, resolved.backend) != (cfg.model, cfg.backend):
-            log.info("corpus %s follows its active model %s (%s) rather than %s (%s)", cfg.corpus, resolved.model,
-                     resolved.backend.value, cfg.model, cfg.backend.value)
+            output_dimensionality=conf.get("output_dimensionality"), normalize=conf.get("normalize", True),
+            storage=Storage(conf.get("storage", Storage.VECTOR)))
+        if (resolved.model, resolved.backend, resolved.storage) != (cfg.model, cfg.backend, cfg.storage):
+            log.info("corpus %s follows its active model %s (%s, %s) rather than %s (%s, %s)", cfg.corpus,
+                     resolved.model, resolved.backend.value, resolved.storage.value, cfg.model, cfg.backend.value,
+                     cfg.storage.value)
         return resolved
     spec = backend_for(cfg).model_spec()
     if spec.checksum != active["model_checksum"]:
+        storage = get_embedding_store(store, cfg.corpus, active["model_checksum"]).storage
         raise ConfigError(
-            f"corpus {cfg.corpus!r} is indexed with model {active['model_id']} ({active['dim']}-d, "
-            f"checksum {active['model_checksum']}), but this run asks for {cfg.model!r} ({spec.dim}-d, checksum "
-            f"{spec.checksum}). Leave `model` empty to use the active model; change a corpus's model with the "
-            "reindex_model_upgrade DAG (it re-embeds into a new store and switches atomically)."
+            f"corpus {cfg.corpus!r} is indexed with model {active['model_id']} ({active['dim']}-d {storage}, "
+            f"checksum {active['model_checksum']}), but this run asks for {cfg.model!r} ({spec.dim}-d "
+            f"{spec.storage}, checksum {spec.checksum}). Leave `model` empty to use the active model; change a "
+            "corpus's model or storage with the reindex_model_upgrade DAG (it re-embeds into a new store and "
+            "switches atomically)."
         )
     return cfg
 
@@ -98,6 +117,7 @@ def prepare(store: Store, cfg: ReindexConfig) -> dict:
     backend = backend_for(cfg)
     check_token_limit(cfg, backend.token_limit())
     spec = backend.model_spec()
+    check_index_dim(cfg, spec)
     with store.conn.transaction():
         emb = ensure_embedding_store(store, cfg.corpus, spec, config=model_config(cfg))
     return {"model": spec.to_dict(), "model_checksum": spec.checksum, "vector_table": emb.table_name,
@@ -248,7 +268,7 @@ def encode_partition(store: Store, cfg: ReindexConfig, partition: dict, *, model
     """Encode one partition's PENDING chunks locally and load them (COPY); failures are recorded per chunk."""
     part = batches_store.Partition(**partition)
     encoder = encoder or backend_for(cfg).encoder
-    spec = encoder.spec
+    spec = encoder.spec.stored_as(cfg.storage)
     if spec.checksum != model_checksum:
         raise StoreError(f"model {cfg.model!r} now has checksum {spec.checksum}, but batch {part.batch_id} "
                          f"was planned for {model_checksum}: the model changed during the run")
@@ -308,6 +328,7 @@ def prepare_upgrade(store: Store, cfg: ReindexConfig, *, batch_id: str, dim: int
     spec = backend.model_spec()
     if dim is not None and spec.dim != dim:
         raise ConfigError(f"target model {cfg.model!r} makes {spec.dim}-d vectors, not the dimension={dim} asked for")
+    check_index_dim(cfg, spec)
     limit = backend.token_limit()
     if limit is not None and row[1] > limit:
         raise ConfigError(f"corpus {cfg.corpus!r} has chunks of up to {row[1]} tokens; target model {cfg.model!r} "

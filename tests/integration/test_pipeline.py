@@ -103,3 +103,49 @@ def test_max_tokens_over_the_model_limit_is_rejected(store, tmp_path):
     cfg = ReindexConfig(corpus="kb", corpus_uri=str(tmp_path), max_tokens=300, overlap_tokens=10)
     with pytest.raises(ConfigError, match=r"max_tokens=300 exceeds the limit of model .*: at most 254 tokens"):
         pipeline.prepare(store, cfg)
+
+
+def test_switching_a_corpus_to_halfvec_is_an_upgrade(store, corpus_dir, encoder, capsys):
+    """The same model stored as halfvec is another store: reindex_model_upgrade's stages fill it and switch;
+    later runs that follow the active model keep halfvec (restored from the registry's run config)."""
+    from reindex.store.vectors import get_embedding_store
+
+    cfg = ReindexConfig(corpus="kb", corpus_uri=str(corpus_dir), partition_size=100)
+    _, _, first = _run(store, cfg, corpus_dir, "b1", encoder)
+    vector = get_embedding_store(store, "kb")
+    assert first.ready == 3 and vector.storage == "vector"
+
+    up = ReindexConfig(corpus="kb", corpus_uri="store", model=cfg.model, storage="halfvec", partition_size=100)
+    manifest = pipeline.prepare_upgrade(store, up, batch_id="u1", dim=384)
+    checksum = manifest["model_checksum"]
+    assert checksum == encoder.spec.stored_as("halfvec").checksum != vector.model_checksum
+    assert (manifest["pending"], manifest["model"]["storage"]) == (3, "halfvec")
+    for part in pipeline.plan(store, up, "u1"):
+        pipeline.encode_partition(store, up, part, model_checksum=checksum, encoder=encoder)
+    assert pipeline.finish_batch(store, up, "u1", checksum).ready == 3
+    assert pipeline.finish_upgrade(store, "kb", "u1", checksum, retention_seconds=3600)["previous_model_checksum"] \
+        == vector.model_checksum
+
+    half = get_embedding_store(store, "kb")
+    assert (half.model_checksum, half.storage) == (checksum, "halfvec")
+    st = corpus_status(store, "kb")
+    assert st["model"]["storage"] == "halfvec" and {s["storage"] for s in st["stores"]} == {"vector", "halfvec"}
+    from reindex.cli import main
+
+    assert main(["--dsn", store.conn.info.dsn, "--schema", store.schema, "status", "--corpus", "kb"]) == 0
+    out = capsys.readouterr().out
+    assert f"{half.table_name} (halfvec, index {half.table_name}_hnsw)" in out
+    assert f"{vector.table_name} [RETIRED] 384-d (vector, index {vector.table_name}_hnsw)" in out
+    q = encoder.encode(["how do plants make sugar from light"])[0]
+    assert search(store, "kb", q, k=1)[0].doc_id == "photo.txt"
+
+    # a run with `model` empty (a nightly one) follows the active model, storage included: nothing to embed
+    prepared = pipeline.prepare(store, cfg)
+    assert (prepared["model_checksum"], prepared["config"]["storage"]) == (checksum, "halfvec")
+    m2 = pipeline.chunk_corpus(store, ReindexConfig.from_mapping(prepared["config"]), corpus_dir, batch_id="b2",
+                               model_checksum=checksum)
+    assert (m2["pending"], m2["reused"]) == (0, 3)
+    # naming the model with the other storage is refused with the way forward
+    with pytest.raises(ConfigError, match=r"384-d halfvec, .* asks for 'all-MiniLM-L6-v2' \(384-d vector, .*"
+                                          r"reindex_model_upgrade"):
+        pipeline.prepare(store, ReindexConfig(corpus="kb", corpus_uri=str(corpus_dir), model=cfg.model))

@@ -269,3 +269,137 @@ def test_copy_payload_reuses_one_buffer():
     assert len(buf) >= len(small) and bytes(small).endswith(b"\xff\xff")
     with pytest.raises(ValueError, match="'short' is not 64 hex characters"):
         copy_binary_payload(np.arange(1, dtype=np.int64), ["short"], _unit(1))
+
+
+# --- halfvec storage ----------------------------------------------------------------------------
+
+HALF = SPEC.stored_as("halfvec")
+
+
+@pytest.fixture
+def half(store):
+    with store.conn.transaction():
+        return ensure_embedding_store(store, "kb", HALF)
+
+
+def _stored(store, emb) -> np.ndarray:
+    from pgvector.psycopg import register_vector
+
+    register_vector(store.conn)
+    rows = store.execute(sql.SQL("SELECT embedding FROM {} ORDER BY chunk_pk").format(store.t(emb.table_name)))
+    return np.array([v.to_numpy() for (v,) in rows])
+
+
+def test_halfvec_payload_is_pgvectors_binary_format():
+    """Each row's vector field is what pgvector-python's ``HalfVector.to_binary`` writes (dim, unused, >f2)."""
+    from pgvector import HalfVector
+
+    from reindex.store.vectors import copy_binary_payload
+
+    vecs = _unit(3, seed=5)
+    payload = bytes(copy_binary_payload(np.arange(3, dtype=np.int64), ["c" * 64] * 3, vecs, storage="halfvec"))
+    field = 4 + 4 + 2 * 8  # length word, then HalfVector.to_binary(): dim, unused, 8 halves
+    row = 2 + 12 + 68 + field
+    for i, v in enumerate(vecs):
+        start = 19 + i * row + 2 + 12 + 68
+        assert payload[start:start + 4] == (field - 4).to_bytes(4, "big")
+        assert payload[start + 4:start + field] == HalfVector(v).to_binary()
+    assert len(payload) == 19 + 3 * row + 2
+
+
+def test_halfvec_store_keeps_the_half_float_rounding(store, half):
+    from reindex.store.vectors import get_embedding_store, load_vectors_by_hash
+
+    assert half.storage == "halfvec" and half.model_checksum == HALF.checksum != SPEC.checksum
+    assert get_embedding_store(store, "kb") == half  # the registry row is the one source of the storage
+    (column,) = store.one("""SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+        WHERE attrelid = %s::regclass AND attname = 'embedding'""", (f"{store.schema}.{half.table_name}",))
+    assert column == "halfvec(8)"
+    _scan(store, "kb", "b1", {"d1": ["alpha", "beta", "gamma"], "d2": ["delta"]})
+    rows = _chunks(store, "kb")
+    vecs = np.random.default_rng(7).normal(scale=3, size=(4, 8)).astype(np.float32)
+    vecs[0, 0] = 65504  # the largest half float is still finite
+    assert load_vectors(store, half, [r[4] for r in rows[:2]], [r[3] for r in rows[:2]], vecs[:2]) == 2
+    assert load_vectors_by_hash(store, half, "b1", [r[3] for r in rows[2:]], vecs[2:]) == 2
+    stored = _stored(store, half)
+    assert stored.dtype == np.float16
+    np.testing.assert_array_equal(stored, vecs.astype(np.float16))  # exactly numpy's round-to-nearest half
+    assert not np.array_equal(stored.astype(np.float32), vecs)  # and not float32
+    assert {r[1] for r in _chunks(store, "kb")} == {"READY"}
+
+
+def test_halfvec_index_search_and_reuse(store, half):
+    _scan(store, "kb", "b1", {f"d{i}": [f"text {i}"] for i in range(40)})
+    rows = _chunks(store, "kb")
+    vecs = _unit(40, seed=4)
+    load_vectors(store, half, [r[4] for r in rows], [r[3] for r in rows], vecs)
+    index = build_index(store, half, IndexType.HNSW)
+    (indexdef,) = store.one("SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
+                            (store.schema, index))
+    assert "USING hnsw (embedding halfvec_cosine_ops)" in indexdef
+    for i in (3, 17, 39):
+        hits = search(store, "kb", vecs[i], k=3)
+        assert hits[0].chunk_id == rows[i][0] and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    with store.conn.transaction():
+        store.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in store.execute(sql.SQL(
+            "EXPLAIN SELECT chunk_pk FROM {} ORDER BY embedding <=> %s::halfvec LIMIT 3").format(
+            store.t(half.table_name)), (str(vecs[0].tolist()),)))
+    assert index in plan  # the query cast to halfvec is served by the index
+    st = corpus_status(store, "kb")
+    assert st["model"]["storage"] == "halfvec" and st["stores"][0]["storage"] == "halfvec"
+    assert build_index(store, half, IndexType.IVFFLAT).endswith("_ivfflat")
+    (ivf,) = store.one("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (f"{half.table_name}_ivfflat",))
+    assert "USING ivfflat (embedding halfvec_cosine_ops)" in ivf
+
+    # a text already embedded in this store is reused in it, half floats and all
+    _scan(store, "kb", "b2", {**{f"d{i}": [f"text {i}"] for i in range(40)}, "copy": ["text 5"]})
+    with store.conn.transaction():
+        batches.create_batch(store, "b2", "kb", "local", HALF.checksum)
+        claim = batches.claim_stale_chunks(store, "kb", "b2", half)
+    assert (claim["pending"], claim["reused_by_content"]) == (0, 1)
+    (same,) = store.one(sql.SQL("""SELECT count(DISTINCT embedding::text) FROM {} e JOIN {} c ON c.id = e.chunk_pk
+        WHERE c.text = 'text 5'""").format(store.t(half.table_name), store.t("chunks")))
+    assert same == 1
+
+
+def test_halfvec_table_is_half_the_size(store):
+    wide = ModelSpec("test/wide", "r1", 384, True, "local")
+    with store.conn.transaction():
+        stores = {s: ensure_embedding_store(store, "kb", wide.stored_as(s), activate=False) for s in ("vector", "halfvec")}
+    _scan(store, "kb", "b1", {f"d{i}": [f"text {i}"] for i in range(2000)})
+    rows = _chunks(store, "kb")
+    vecs = _unit(2000, dim=384)
+    size = {}
+    for s, emb in stores.items():
+        assert load_vectors(store, emb, [r[4] for r in rows], [r[3] for r in rows], vecs) == 2000
+        (size[s],) = store.one("SELECT pg_table_size(%s::regclass)", (f"{store.schema}.{emb.table_name}",))
+    assert size["halfvec"] < 0.6 * size["vector"], size
+
+
+def test_a_vector_beyond_half_precision_fails_alone(store, half):
+    """Through the local load path: the overflowing vector fails with its reason, the rest of its block loads."""
+    from reindex import pipeline
+    from reindex.config import ReindexConfig
+
+    class Encoder:
+        spec = SPEC  # the model's own spec (float32): the run's storage makes it the halfvec store's
+
+        def encode(self, texts):
+            out = _unit(len(texts), seed=len(texts))
+            out[[i for i, t in enumerate(texts) if t == "huge"], 0] = 1e5
+            return out
+
+    _scan(store, "kb", "b1", {"d1": ["alpha", "huge", "gamma"], "d2": ["delta"]})
+    with store.conn.transaction():
+        batches.create_batch(store, "b1", "kb", "local", HALF.checksum)
+        batches.claim_stale_chunks(store, "kb", "b1", half)
+    cfg = ReindexConfig(corpus="kb", corpus_uri="mem://", storage="halfvec")
+    (part,) = pipeline.plan(store, cfg, "b1")
+    out = pipeline.encode_partition(store, cfg, part, model_checksum=HALF.checksum, encoder=Encoder())
+    assert (out["ready"], out["failed"]) == (3, 1)
+    failed = store.one(sql.SQL("SELECT chunk_id, error_code, error_message FROM {} WHERE embedding_status = 'FAILED'")
+                       .format(store.t("chunks")))
+    assert failed[:2] == ("d1#1", "NON_FINITE")
+    assert "beyond half precision (|x| <= 65504)" in failed[2]
+    assert np.isfinite(_stored(store, half).astype(np.float32)).all() and len(_stored(store, half)) == 3

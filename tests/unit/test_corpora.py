@@ -56,3 +56,15 @@ def test_bad_entries_name_the_entry_and_the_limit(text, message):
 def test_unknown_corpus_asked_for():
     with pytest.raises(ConfigError, match=r"corpora \['nope'\] are not configured; configured: \['client_a', 'kb', 'old'\]"):
         load_corpora(FILE, None, only=["nope"])
+
+
+def test_storage_seeds_a_new_corpus_and_empty_is_the_default():
+    text = ("- {name: half, uri: /h, storage: halfvec}\n- {name: plain, uri: /p, storage: ''}\n"
+            "- {name: unset, uri: /u}\n")
+    confs = {c["corpus"]: c for c in load_corpora(text, None)}
+    assert confs["half"]["storage"] == "halfvec"
+    assert confs["plain"]["storage"] == "vector"  # what the Params form's enum accepts
+    assert "storage" not in confs["unset"]  # the run's default; an existing corpus follows its active model
+    with pytest.raises(ConfigError, match=r"entry 1 \('kb'\): storage 'float16' is not supported: choose one of "
+                                          r"\['vector', 'halfvec'\]"):
+        load_corpora("- {name: kb, uri: /x, storage: float16}\n", None)

@@ -1,13 +1,16 @@
-"""Vector validation before loading: dimension, finite values, unit norm when the model normalises."""
+"""Vector validation before loading: dimension, finite values, half-float range for ``halfvec``
+stores, unit norm when the model normalises."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from reindex.config import Storage
 from reindex.errors import ErrorCode
 from reindex.models import ModelSpec
 
 NORM_TOLERANCE = 1e-3
+HALF_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, ErrorCode, str] | None]:
@@ -22,9 +25,18 @@ def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, Er
     finite = np.isfinite(vectors).all(axis=1)
     for i in np.flatnonzero(~finite):
         out[i] = (int(i), ErrorCode.NON_FINITE, "vector contains NaN or infinite values")
+    ok = finite
+    if spec.storage == Storage.HALFVEC:
+        # Beyond the half-float range a value would be stored as infinity (pgvector refuses the whole block).
+        peak = np.abs(vectors).max(axis=1, initial=0)
+        for i in np.flatnonzero(finite & (peak > HALF_MAX)):
+            out[i] = (int(i), ErrorCode.NON_FINITE,
+                      f"vector has a value of magnitude {peak[i]:.6g}, beyond half precision (|x| <= 65504): "
+                      "it would be infinite in this halfvec store")
+        ok = finite & (peak <= HALF_MAX)
     if spec.normalized:
         norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0), axis=1)
-        bad = finite & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+        bad = ok & (np.abs(norms - 1.0) > NORM_TOLERANCE)
         for i in np.flatnonzero(bad):
             out[i] = (int(i), ErrorCode.NOT_NORMALIZED, f"vector norm {norms[i]:.4f} is not 1 (model normalises)")
     return out

@@ -154,10 +154,18 @@ def _v3(store: Store) -> None:
     store.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(store.schema, "chunks_batch_status_idx")))
 
 
+def _v4(store: Store) -> None:
+    """The pgvector column type of each vector table (``vector`` or ``halfvec``); every store made before
+    is ``vector``."""
+    store.execute(sql.SQL("""ALTER TABLE {} ADD COLUMN storage text NOT NULL DEFAULT 'vector'
+        CHECK (storage IN ('vector', 'halfvec'))""").format(store.t("embedding_stores")))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
     (3, "HOT status updates on chunks (fillfactor, batch index without the status)", _v3),
+    (4, "storage (vector | halfvec) of each embedding store", _v4),
 ]
 
 

@@ -25,7 +25,8 @@ def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, e
 
     Reads the active model's store, or ``model_checksum``'s: a caller that encoded the query with
     the model it found active passes that checksum, so a model switch between its lookup and
-    its query cannot mix dimensions (the replaced store is kept for its retention period).
+    its query cannot mix dimensions (the replaced store is kept for its retention period). The query is
+    cast to the store's column type (``halfvec``: rounded to half floats), so its cosine index serves it.
     """
     from pgvector.psycopg import register_vector
 
@@ -36,9 +37,10 @@ def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, e
     register_vector(store.conn)
     with store.conn.transaction():
         store.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(ef_search, k))))
-        rows = store.execute(sql.SQL("""SELECT c.chunk_id, c.doc_id, 1 - (e.embedding <=> %s) AS score, c.text
+        rows = store.execute(sql.SQL("""SELECT c.chunk_id, c.doc_id, 1 - (e.embedding <=> %s::{type}) AS score, c.text
             FROM {emb} e JOIN {chunks} c ON c.id = e.chunk_pk
-            ORDER BY e.embedding <=> %s LIMIT %s""").format(emb=store.t(emb.table_name), chunks=store.t("chunks")),
+            ORDER BY e.embedding <=> %s::{type} LIMIT %s""").format(
+            emb=store.t(emb.table_name), chunks=store.t("chunks"), type=sql.Identifier(emb.storage)),
             (vec, vec, k)).fetchall()
     return [Hit(r[0], r[1], float(r[2]), r[3]) for r in rows]
 
@@ -46,7 +48,8 @@ def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, e
 def corpus_status(store: Store, corpus: str) -> dict:
     """Counts by chunk status and error code, documents, the active model and the last batch."""
     t = store.t
-    row = store.one(sql.SQL("""SELECT c.active_model_checksum, m.model_id, m.dim, m.normalized, s.table_name, s.index_name
+    row = store.one(sql.SQL("""SELECT c.active_model_checksum, m.model_id, m.dim, m.normalized, s.table_name, s.index_name,
+            s.storage
         FROM {corpora} c LEFT JOIN {models} m ON m.model_checksum = c.active_model_checksum
         LEFT JOIN {stores} s ON s.corpus = c.corpus AND s.model_checksum = c.active_model_checksum
         WHERE c.corpus = %s""").format(corpora=t("corpora"), models=t("models"), stores=t("embedding_stores")), (corpus,))
@@ -68,8 +71,8 @@ def corpus_status(store: Store, corpus: str) -> dict:
         for key in ("started_at", "finished_at"):
             last_batch[key] = last_batch[key].isoformat() if last_batch[key] else None
     stores = [
-        {"model_checksum": r[0], "table": r[1], "dim": r[2], "status": r[3], "index": r[4]}
-        for r in store.execute(sql.SQL("""SELECT model_checksum, table_name, dim, status, index_name FROM {}
+        {"model_checksum": r[0], "table": r[1], "dim": r[2], "storage": r[3], "status": r[4], "index": r[5]}
+        for r in store.execute(sql.SQL("""SELECT model_checksum, table_name, dim, storage, status, index_name FROM {}
             WHERE corpus = %s AND status <> 'DROPPED' ORDER BY created_at""").format(t("embedding_stores")),
             (corpus,))
     ]
@@ -85,7 +88,7 @@ def corpus_status(store: Store, corpus: str) -> dict:
         "chunks": {s: chunks.get(s, 0) for s in ("READY", "PENDING", "FAILED")},
         "chunks_total": sum(chunks.values()),
         "failed_by_reason": errors,
-        "model": {"checksum": row[0], "model_id": row[1], "dim": row[2], "normalized": row[3]},
+        "model": {"checksum": row[0], "model_id": row[1], "dim": row[2], "normalized": row[3], "storage": row[6]},
         "vector_table": row[4],
         "index": row[5],
         "last_batch": last_batch,

@@ -4,7 +4,8 @@
 which also locks them), delete the vectors they replace and COPY the block straight into the vector
 table (``COPY … FROM STDIN (FORMAT BINARY)``, the payload built in place with numpy for the whole
 block, each vector written once), in one transaction. A vector is accepted only if its chunk still has the content hash it was computed
-from.
+from. A store keeps float32 (``vector``) or IEEE half floats (``halfvec``): its ``storage``, recorded in
+``embedding_stores`` and part of the model checksum.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from psycopg import sql
 from psycopg.errors import DeadlockDetected
 
-from reindex.config import IndexType
+from reindex.config import IndexType, Storage
 from reindex.errors import ErrorCode, StoreError
 from reindex.models import ModelSpec
 from reindex.store import Store, embedding_table_name
@@ -36,6 +37,7 @@ class EmbeddingStore:
     model_checksum: str
     table_name: str
     dim: int
+    storage: str = Storage.VECTOR.value
 
 
 def register_model(store: Store, spec: ModelSpec, config: dict | None = None) -> None:
@@ -70,17 +72,18 @@ def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activa
     store.execute(sql.SQL("""CREATE TABLE IF NOT EXISTS {emb} (
             chunk_pk bigint PRIMARY KEY REFERENCES {chunks} (id) ON DELETE CASCADE,
             content_sha256 char(64) NOT NULL,
-            embedding vector({dim}) NOT NULL,
+            embedding {type}({dim}) NOT NULL,
             updated_at timestamptz NOT NULL DEFAULT now())""").format(
-        emb=store.t(table), chunks=store.t("chunks"), dim=sql.Literal(spec.dim)))
+        emb=store.t(table), chunks=store.t("chunks"), type=sql.Identifier(Storage(spec.storage).value),
+        dim=sql.Literal(spec.dim)))
     store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (content_sha256)").format(
         sql.Identifier(f"{table[:50]}_sha"), store.t(table)))
     store.execute(
-        sql.SQL("""INSERT INTO {} (corpus, model_checksum, table_name, dim)
-            VALUES (%s, %s, %s, %s) ON CONFLICT (corpus, model_checksum) DO UPDATE
+        sql.SQL("""INSERT INTO {} (corpus, model_checksum, table_name, dim, storage)
+            VALUES (%s, %s, %s, %s, %s) ON CONFLICT (corpus, model_checksum) DO UPDATE
             SET status = 'BUILDING', retired_at = NULL, dropped_at = NULL
             WHERE {}.status IN ('RETIRED', 'DROPPED')""").format(store.t("embedding_stores"), store.t("embedding_stores")),
-        (corpus, spec.checksum, table, spec.dim),
+        (corpus, spec.checksum, table, spec.dim, spec.storage),
     )
     if activate:
         store.execute(
@@ -92,7 +95,7 @@ def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activa
                 FROM {corpora} c WHERE s.corpus = c.corpus AND s.model_checksum = c.active_model_checksum
                 AND s.corpus = %s AND s.status = 'BUILDING'""").format(
                 stores=store.t("embedding_stores"), corpora=store.t("corpora")), (corpus,))
-    return EmbeddingStore(corpus, spec.checksum, table, spec.dim)
+    return EmbeddingStore(corpus, spec.checksum, table, spec.dim, spec.storage)
 
 
 def active_model(store: Store, corpus: str) -> dict | None:
@@ -160,18 +163,22 @@ def get_embedding_store(store: Store, corpus: str, model_checksum: str | None = 
         if row is None or row[0] is None:
             raise StoreError(f"corpus {corpus!r} has no active embedding model yet: run reindex_corpus first")
         model_checksum = row[0]
-    row = store.one(sql.SQL("""SELECT table_name, dim FROM {} WHERE corpus = %s AND model_checksum = %s
+    row = store.one(sql.SQL("""SELECT table_name, dim, storage FROM {} WHERE corpus = %s AND model_checksum = %s
         AND status <> 'DROPPED'""").format(store.t("embedding_stores")), (corpus, model_checksum))
     if row is None:
         raise StoreError(f"corpus {corpus!r} has no embedding store for model {model_checksum}")
-    return EmbeddingStore(corpus, model_checksum, row[0], row[1])
+    return EmbeddingStore(corpus, model_checksum, *row)
 
 
-def _copy_row_dtype(dim: int) -> np.dtype:
+# pgvector's binary format: int16 dim, int16 unused, then big-endian float32 (vector) or IEEE half (halfvec).
+_ELEMENT_TYPES = {Storage.VECTOR: ">f4", Storage.HALFVEC: ">f2"}
+
+
+def _copy_row_dtype(dim: int, storage: str) -> np.dtype:
     return np.dtype([
         ("nfields", ">i2"), ("len_pk", ">i4"), ("pk", ">i8"),
         ("len_sha", ">i4"), ("sha", "S64"),
-        ("len_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,)),
+        ("len_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", _ELEMENT_TYPES[Storage(storage)], (dim,)),
     ])
 
 
@@ -184,17 +191,20 @@ def _sha_array(shas: Sequence[str]) -> np.ndarray:
 
 
 def copy_binary_payload(chunk_pks: np.ndarray, shas: Sequence[str], vectors: np.ndarray, *,
-                        out: bytearray | None = None) -> bytes | memoryview:
-    """COPY BINARY bytes for rows ``(chunk_pk bigint, content_sha256 char(64), embedding vector)``.
+                        out: bytearray | None = None, storage: str = Storage.VECTOR) -> bytes | memoryview:
+    """COPY BINARY bytes for rows ``(chunk_pk bigint, content_sha256 char(64), embedding vector|halfvec)``.
 
     Every row has the same width, so the whole block is one numpy structured array written in place
     (header, rows, trailer). With ``out`` the rows are written into that buffer (grown when needed)
     and a view of it is returned: a load reuses one buffer instead of faulting in fresh pages per block.
+    For ``halfvec`` numpy rounds each float32 to the nearest half; a value beyond ±65504 would become
+    infinite, which pgvector refuses (the whole block fails): ``validate_vectors`` fails such rows per
+    chunk before they get here.
     """
     n, dim = vectors.shape
     if len(chunk_pks) != n or len(shas) != n:
         raise ValueError(f"row count mismatch: {len(chunk_pks)} ids, {len(shas)} hashes, {n} vectors")
-    row = _copy_row_dtype(dim)
+    row = _copy_row_dtype(dim, storage)
     size = len(_COPY_HEADER) + n * row.itemsize + len(_COPY_TRAILER)
     buf = out if out is not None else bytearray(size)
     if len(buf) < size:
@@ -206,7 +216,7 @@ def copy_binary_payload(chunk_pks: np.ndarray, shas: Sequence[str], vectors: np.
     rows["pk"] = chunk_pks
     rows["len_sha"] = 64
     rows["sha"] = _sha_array(shas)
-    rows["len_vec"] = 4 + 4 * dim
+    rows["len_vec"] = 4 + row["vec"].itemsize
     rows["dim"] = dim
     rows["unused"] = 0
     rows["vec"] = vectors
@@ -260,7 +270,8 @@ def _load_block(store: Store, emb: EmbeddingStore, claim: sql.Composable, params
                 store.execute(sql.SQL("DELETE FROM {} WHERE chunk_pk = ANY(string_to_array(%s, ',')::bigint[])")
                               .format(t(emb.table_name)), (_csv(pks),))
                 block = vectors if len(rows) == len(vectors) and (rows == np.arange(len(rows))).all() else vectors[rows]
-                payload = copy_binary_payload(pks, [r[1] for r in found], block, out=_copy_buffer())
+                payload = copy_binary_payload(pks, [r[1] for r in found], block, out=_copy_buffer(),
+                                              storage=emb.storage)
                 with store.conn.cursor().copy(sql.SQL(
                         "COPY {} (chunk_pk, content_sha256, embedding) FROM STDIN (FORMAT BINARY)").format(
                         t(emb.table_name))) as copy:
@@ -343,7 +354,8 @@ def mark_failed(store: Store, failures: Iterable[tuple[int, ErrorCode | str, str
 def build_index(store: Store, emb: EmbeddingStore, index_type: IndexType = IndexType.HNSW, *,
                 hnsw_m: int = 16, hnsw_ef_construction: int = 64, ivfflat_lists: int | None = None,
                 maintenance_work_mem: str = "512MB") -> str | None:
-    """Build the cosine index of ``emb`` if it is missing, then ANALYZE. Returns the index name."""
+    """Build the cosine index of ``emb`` if it is missing (``vector_cosine_ops`` or ``halfvec_cosine_ops``, by
+    the store's column type), then ANALYZE. Returns the index name."""
     t = store.t
     if index_type == IndexType.NONE:
         store.execute(sql.SQL("ANALYZE {}").format(t(emb.table_name)))
@@ -362,8 +374,9 @@ def build_index(store: Store, emb: EmbeddingStore, index_type: IndexType = Index
             lists = ivfflat_lists or max(1, int(rows / 1000) if rows <= 1_000_000 else int(rows**0.5))
             params = sql.SQL("WITH (lists = {})").format(sql.Literal(lists))
         log.info("building %s index %s on %s", index_type.value, index_name, emb.table_name)
-        store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {idx} ON {emb} USING {method} (embedding vector_cosine_ops) {params}").format(
-            idx=sql.Identifier(index_name), emb=t(emb.table_name), method=sql.SQL(index_type.value), params=params))
+        store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {idx} ON {emb} USING {method} (embedding {ops}) {params}").format(
+            idx=sql.Identifier(index_name), emb=t(emb.table_name), method=sql.SQL(index_type.value),
+            ops=sql.Identifier(f"{Storage(emb.storage).value}_cosine_ops"), params=params))
         store.execute("RESET maintenance_work_mem")
         store.execute("RESET max_parallel_maintenance_workers")
     store.execute(sql.SQL("UPDATE {} SET index_type = %s, index_name = %s WHERE table_name = %s").format(
