@@ -2,11 +2,12 @@
 ### reindex_model_upgrade — re-embed a corpus with a new model, switch atomically
 
 Triggered by hand (Params form) after an embedding-model upgrade, e.g. 384-d MiniLM → 768-d
-ru-en-RoSBERTa, locally or on Vertex.
+ru-en-RoSBERTa, locally or on Vertex — or to move a corpus between `vector` and `halfvec` storage
+(the same model, another store).
 
 | task | what it does |
 |---|---|
-| `prepare_upgrade` | registers the target model (id, revision, dimension, normalisation → checksum) and a new versioned vector table (BUILDING), takes the corpus's lease, claims the chunks without a current vector in it |
+| `prepare_upgrade` | registers the target model (id, revision, dimension, normalisation, storage → checksum) and a new versioned vector table (BUILDING), takes the corpus's lease, claims the chunks without a current vector in it |
 | embed tasks | as in `reindex_corpus`: local mapped encode, or Vertex batch jobs; vectors go to the new table only |
 | `build_index` | the cosine index of the new table, built after the load — before anyone searches it |
 | `summarize` | the upgrade batch's status and counts |
@@ -33,6 +34,7 @@ from reindex.config import (
     Backend,
     IndexType,
     OnBusy,
+    Storage,
 )
 from reindex_airflow import tasks as t
 from reindex_airflow.wiring import embed_and_close
@@ -58,6 +60,10 @@ from reindex_airflow.wiring import embed_and_close
         "normalize": Param(True, type="boolean", description="L2-normalise the vectors (local)."),
         "index_type": Param(IndexType.HNSW.value, type="string", enum=[i.value for i in IndexType],
                             description="Cosine index of the new table, built before the switch."),
+        "storage": Param(Storage.VECTOR.value, type="string", enum=[s.value for s in Storage],
+                         description="Vector column type of the new table: vector (float32) or halfvec (half "
+                                     "floats: half the table, indexable up to 4,000 dimensions). The same model "
+                                     "with another storage is an upgrade too."),
         "ivfflat_lists": Param(None, type=["null", "integer"], minimum=IVFFLAT_LISTS_RANGE[0],
                                maximum=IVFFLAT_LISTS_RANGE[1],
                                description="IVFFlat only: lists (empty: rows/1000, sqrt(rows) above 1M rows)."),

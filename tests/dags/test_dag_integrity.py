@@ -58,6 +58,12 @@ def test_model_upgrade_shape(dagbag):
     assert "build_index" in dag.get_task("summarize").upstream_task_ids
     assert "trigger_retry" not in {t.task_id for t in dag.tasks}  # a rerun of the upgrade resumes instead
     assert dag.params["index_type"] == "hnsw"
+    # the same model with another storage is an upgrade: the Param reaches the target's configuration
+    from reindex_airflow.tasks import upgrade_config
+
+    assert dag.params["storage"] == "vector"
+    cfg = upgrade_config({"corpus": "kb", "model": "all-MiniLM-L6-v2", "storage": "halfvec", "dimension": 384})
+    assert cfg.storage.value == "halfvec" and cfg.model == "all-MiniLM-L6-v2"
 
 
 def test_reindex_corpus_shape(dagbag):
@@ -99,6 +105,7 @@ print(json.dumps({{"parse": t2 - t1, "errors": len(bag.import_errors), "heavy": 
         ({"max_tokens": 5}, "param max_tokens: 5 is less than the minimum of 16"),
         ({"partition_size": 0}, "param partition_size"),
         ({"output_dimensionality": 0}, "param output_dimensionality"),
+        ({"storage": "float16"}, "param storage: 'float16' is not one of \\['vector', 'halfvec'\\]"),
     ],
 )
 def test_invalid_params_are_rejected_before_the_run(dagbag, conf, message):

@@ -54,6 +54,43 @@ def test_sample_corpus_end_to_end(dagbag, store_conn, encoder, monkeypatch):
     assert message == f"nothing to embed: 0 chunks encoded, 0 batch jobs submitted; {reused} chunk vector(s) reused"
 
 
+@pytest.fixture
+def corpus_dag(dagbag):
+    """reindex_corpus, its Params put back afterwards: dag.test() writes a run's conf into the Param objects of
+    the session's DAG, so a value one test passes would carry over to the runs of later tests."""
+    dag = dagbag.get_dag("reindex_corpus")
+    holders = [dag.params, *(t.params for t in dag.tasks)]
+    saved = [h.dump() for h in holders]
+    yield dag
+    for holder, values in zip(holders, saved, strict=True):
+        for key, value in values.items():
+            holder[key] = value
+
+
+def test_halfvec_storage_end_to_end(corpus_dag, store_conn, encoder):
+    """storage=halfvec: half-float vector table with a halfvec_cosine_ops HNSW index, every chunk READY, searchable."""
+    conf = {"corpus": "sample_half", "corpus_uri": str(SAMPLE_CORPUS), "backend": "local", "model": "",
+            "output_dimensionality": None, "max_tokens": 200, "overlap_tokens": 32, "partition_size": 2000,
+            "encode_batch_size": 64, "index_type": "hnsw", "storage": "halfvec", "ivfflat_lists": None,
+            "force": False, "on_busy": "wait", "busy_wait_seconds": 3600}
+    assert set(conf) == set(corpus_dag.params), "pass every param: values carry over between dag.test() runs"
+    dr = corpus_dag.test(run_conf=conf)
+    assert dr.state == "success", _ti_states(dr)
+    st = corpus_status(store_conn, "sample_half")
+    assert st["model"]["storage"] == "halfvec" and st["last_batch"]["status"] == "COMPLETED"
+    assert st["chunks"]["READY"] == st["chunks_total"] > 250
+    assert st["model"]["checksum"] == encoder.spec.stored_as("halfvec").checksum
+    (column,) = store_conn.one("""SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+        WHERE attrelid = %s::regclass AND attname = 'embedding'""", (f"reindex.{st['vector_table']}",))
+    assert column == "halfvec(384)"
+    (indexdef,) = store_conn.one("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (st["index"],))
+    assert "USING hnsw (embedding halfvec_cosine_ops)" in indexdef
+    (photo_doc,) = store_conn.one(sql.SQL("""SELECT doc_id FROM {} WHERE corpus = 'sample_half'
+        AND metadata->>'topic' = 'photosynthesis'""").format(store_conn.t("documents")))
+    hits = search(store_conn, "sample_half", encoder.encode(["How do plants turn sunlight into sugar?"])[0], k=3)
+    assert photo_doc in [h.doc_id for h in hits]
+
+
 def _hold_lease(store, corpus: str, batch_id: str = "someone-else") -> None:
     from reindex.store import leases
     from reindex.store.batches import create_batch
