@@ -159,37 +159,22 @@ def setup(data_dir: Path, n: int, *, seed: int = 0, limit_file: bool = True) -> 
     return manifest
 
 
-def halfvec_payload(pks: np.ndarray, shas: list[str], vectors: np.ndarray) -> bytes:
-    """COPY BINARY rows ``(bigint, char(64), halfvec)`` without header/trailer (pgvector halfvec: int16 dim,
-    int16 unused, IEEE half floats)."""
-    n, dim = vectors.shape
-    row = np.dtype([("nfields", ">i2"), ("len_pk", ">i4"), ("pk", ">i8"), ("len_sha", ">i4"), ("sha", "S64"),
-                    ("len_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f2", (dim,))])
-    buf = np.empty(n, dtype=row)
-    buf["nfields"], buf["len_pk"], buf["pk"], buf["len_sha"] = 3, 8, pks, 64
-    buf["sha"] = np.asarray(shas, dtype="S64")
-    buf["len_vec"], buf["dim"], buf["unused"], buf["vec"] = 4 + 2 * dim, dim, 0, vectors
-    return buf.tobytes()
-
-
-def setup_halfvec(manifest: dict) -> str:
-    """The same vectors as ``limit.bin`` rounded to half floats, and an empty ``halfvec`` twin of the vector
-    table (same columns and indexes): what the ``halfvec`` storage option loads."""
+def setup_halfvec(manifest: dict) -> dict:
+    """The ``halfvec`` store of the same model (``storage="halfvec"``: its own checksum and table, created
+    as the pipeline creates it, not active) and the same vectors as ``limit.bin`` as one halfvec COPY file."""
     from psycopg import sql
 
-    from reindex.store.vectors import copy_binary_payload
+    from reindex.backends import backend_for
+    from reindex.store.vectors import copy_binary_payload, ensure_embedding_store
 
     path = Path(manifest["limit_file"]).with_name("limit-halfvec.bin")
     store = _connect(manifest["uri"], manifest["schema"])
     with contextlib.closing(store.conn):
-        half = store.t(manifest["table"] + "_half")
-        store.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(half))
-        store.execute(sql.SQL("""CREATE TABLE {} (chunk_pk bigint PRIMARY KEY REFERENCES {} (id) ON DELETE CASCADE,
-            content_sha256 char(64) NOT NULL, embedding halfvec({}) NOT NULL,
-            updated_at timestamptz NOT NULL DEFAULT now())""").format(half, store.t("chunks"), sql.Literal(DIM)))
-        store.execute(sql.SQL("CREATE INDEX ON {} (content_sha256)").format(half))
+        spec = backend_for(_config(Path(manifest["corpus_dir"]))).model_spec().stored_as("halfvec")
+        emb = ensure_embedding_store(store, CORPUS, spec, activate=False)
+        out = {"halfvec_file": str(path), "halfvec_table": emb.table_name, "halfvec_checksum": emb.model_checksum}
         if path.exists():
-            return str(path)
+            return out
         rng = np.random.default_rng(manifest["seed"])  # replays setup()'s vectors block by block
         rows = store.execute(sql.SQL("SELECT id, content_sha256 FROM {} WHERE batch_id = %s ORDER BY id").format(
             store.t("chunks")), (BATCH_ID,)).fetchall()
@@ -199,53 +184,53 @@ def setup_halfvec(manifest: dict) -> str:
                 block = rows[start:start + 1000]
                 vecs = rng.normal(size=(len(block), DIM))
                 vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-                f.write(halfvec_payload(np.array([r[0] for r in block], np.int64), [r[1] for r in block],
-                                        vecs.astype(np.float32).astype(np.float16)))
+                payload = copy_binary_payload(np.array([r[0] for r in block], np.int64), [r[1] for r in block],
+                                              vecs.astype(np.float32), storage="halfvec")
+                f.write(payload[COPY_HEADER_LEN:-2])
             f.write(b"\xff\xff")
-    return str(path)
+    return out
 
 
 def method_limit_halfvec(p: dict) -> dict:
     from psycopg import sql
 
     store = _connect(p["uri"], p["schema"])
-    half = store.t(p["table"] + "_half")
-    store.execute(sql.SQL("TRUNCATE {}").format(half))
-    store.execute("CHECKPOINT")
     t0 = time.perf_counter()
     store.execute(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM {} (FORMAT BINARY)").format(
-        half, sql.Literal(p["halfvec_file"])))
+        store.t(p["halfvec_table"]), sql.Literal(p["halfvec_file"])))
     seconds = time.perf_counter() - t0
-    size_half = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['table']}_half",))[0]
-    store.execute(sql.SQL("TRUNCATE {}").format(half))
-    return {"seconds": seconds, "rows": p["n"], "table_mib": round(size_half / 2**20, 1)}
+    size = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['halfvec_table']}",))[0]
+    return {"seconds": seconds, "rows": p["n"], "table_mib": round(size / 2**20, 1)}
 
 
-def reset(manifest: dict) -> None:
-    """Empty the vector table, chunks back to PENDING, vacuum and checkpoint (same start for every method)."""
+def reset(manifest: dict, halfvec_table: str | None = None) -> None:
+    """Empty the vector table(s), chunks back to PENDING, vacuum and checkpoint (same start for every method)."""
     from psycopg import sql
 
     store = _connect(manifest["uri"], manifest["schema"])
     with contextlib.closing(store.conn):
-        store.execute(sql.SQL("TRUNCATE {}").format(store.t(manifest["table"])))
+        for table in filter(None, (manifest["table"], halfvec_table)):
+            store.execute(sql.SQL("TRUNCATE {}").format(store.t(table)))
         store.execute(sql.SQL("""UPDATE {} SET embedding_status = 'PENDING', error_code = NULL, error_message = NULL
             WHERE batch_id = %s AND embedding_status <> 'PENDING'""").format(store.t("chunks")), (BATCH_ID,))
         store.execute(sql.SQL("VACUUM ANALYZE {}").format(store.t("chunks")))
-        store.execute(sql.SQL("VACUUM ANALYZE {}").format(store.t(manifest["table"])))
+        for table in filter(None, (manifest["table"], halfvec_table)):
+            store.execute(sql.SQL("VACUUM ANALYZE {}").format(store.t(table)))
         store.execute("CHECKPOINT")
 
 
-def check(manifest: dict) -> dict:
+def check(manifest: dict, table: str | None = None) -> dict:
     """Rows loaded, chunks READY, and an md5 of a sample of the stored vectors (must equal the limit's)."""
     from psycopg import sql
 
+    table = table or manifest["table"]
     store = _connect(manifest["uri"], manifest["schema"])
     with contextlib.closing(store.conn):
-        (rows,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(manifest["table"])))
+        (rows,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(table)))
         (ready,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE batch_id = %s AND embedding_status = 'READY'")
                              .format(store.t("chunks")), (BATCH_ID,))
         (sample,) = store.one(sql.SQL("""SELECT md5(string_agg(embedding::text, ';' ORDER BY chunk_pk)) FROM {}
-            WHERE chunk_pk % 997 = 0""").format(store.t(manifest["table"])))
+            WHERE chunk_pk % 997 = 0""").format(store.t(table)))
     return {"table_rows": rows, "ready": ready, "sample_md5": sample}
 
 
@@ -403,13 +388,17 @@ def _task_init(p: dict) -> None:
 
         proposals.apply(variant["proposal"])
     backend = backend_for(_config(Path(p["corpus_dir"])))
+    spec = backend.model_spec()
+    checksum = p["model_checksum"]
+    if p.get("storage") == "halfvec":
+        spec, checksum = spec.stored_as("halfvec"), p["halfvec_checksum"]
     store = _connect(p["uri"], p["schema"])
     client = None
     if p.get("gcs_url"):
         from reindex.emulators.gcs import anonymous_client
 
         client = anonymous_client(p["gcs_url"])
-    _task.update(store=store, emb=get_embedding_store(store, CORPUS, p["model_checksum"]), spec=backend.model_spec(),
+    _task.update(store=store, emb=get_embedding_store(store, CORPUS, checksum), spec=spec,
                  family=backend.family, client=client, block_lines=variant.get("block_lines"))
 
 
@@ -520,17 +509,24 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
                              {"variant": {"prefetch": 0, "fast_values": False}}))
         else:
             plan.append((m, m, {}))
+    halfvec_table = None
     if variants and "limit" in methods and "project" in methods:
-        base["halfvec_file"] = setup_halfvec(manifest)
+        base.update(setup_halfvec(manifest))
+        halfvec_table = base["halfvec_table"]
         plan.append(("limit, halfvec(768) table", "limit_halfvec", {}))
+        plan.append(("project, halfvec storage, 1 task at a time", "project", {"storage": "halfvec"}))
+        for n in task_counts:
+            plan.append((f"project, halfvec storage, {n} tasks at a time", "project",
+                         {"storage": "halfvec", "tasks": n}))
     results: dict[str, list[dict]] = {}
-    reference = None
+    reference: dict[str, str] = {}  # the limit's sample md5 per storage
     for attempt in range(max(1, repeat)):
         for label, method, extra in plan:
             if attempt and method in ("seed", "pgvector"):
                 continue
-            reset(manifest)
+            reset(manifest, halfvec_table)
             params = {**base, **{k: v for k, v in extra.items() if k != "gcs"}, "method": method}
+            storage = "halfvec" if method == "limit_halfvec" else extra.get("storage", "vector")
             load = os.getloadavg()[0]
             if extra.get("gcs"):
                 with gcs_emulator(manifest) as url:
@@ -538,16 +534,16 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
                     result = run_worker("ingest", params)
             else:
                 result = run_worker("ingest", params)
-            result.update(check(manifest))
+            result.update(check(manifest, halfvec_table if storage == "halfvec" else None))
             result["load_before"] = round(load, 2)
-            if method == "limit" and reference is None:
-                reference = result["sample_md5"]
-            result["vectors_match_limit"] = (None if method == "limit_halfvec"
-                                             else result["sample_md5"] == reference)
+            result["storage"] = storage
+            if method.startswith("limit"):
+                reference.setdefault(storage, result["sample_md5"])
+            result["vectors_match_limit"] = result["sample_md5"] == reference.get(storage)
             result["label"] = label
             log.info("ingest %s: %s", label, result)
             results.setdefault(label, []).append(result)
-    reset(manifest)
+    reset(manifest, halfvec_table)
     rows = []
     for label, _, _ in plan:
         runs = results[label]

@@ -16,7 +16,7 @@ def _f(x, nd=2):
 def ingest_table(r: dict) -> str:
     out = [f"**Result ingest**, {r['lines']:,} lines of {r['dim']}-d classic-model output "
            f"({r['bytes'] / 2**20:,.0f} MiB JSONL) → READY rows:", "",
-           "| method | seconds | rows/s | × limit | × seed | peak RSS MiB | vectors = limit's |",
+           "| method | seconds | rows/s | × limit | × seed | peak RSS MiB | vectors = limit's (same storage) |",
            "|---|---:|---:|---:|---:|---:|:---:|"]
     for m in r["methods"]:
         out.append(f"| {m['label']} | {_f(m['seconds'])} | {m['rows_per_s']:,.0f} | {_f(m['x_limit'])} | "

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
-
-import numpy as np
 
 from tests.conftest import ROOT
 
@@ -18,18 +15,6 @@ def test_report_renders_the_committed_results():
     for heading in ("**Result ingest**", "**Local encoding**", "**Incremental**", "**Airflow overhead**"):
         assert heading in text
     assert "| limit |" in text and "| project (local disk) |" in text
-
-
-def test_halfvec_payload_rows_are_pgvector_binary():
-    from benchmarks.ingest import halfvec_payload
-
-    vec = np.array([[0.5, -1.0, 2.0]], dtype=np.float16)
-    row = halfvec_payload(np.array([7], np.int64), ["a" * 64], vec)
-    nfields, len_pk, pk, len_sha = struct.unpack("!hiqi", row[:18])
-    assert (nfields, len_pk, pk, len_sha) == (3, 8, 7, 64)
-    len_vec, dim, unused = struct.unpack("!ihh", row[82:90])
-    assert (len_vec, dim, unused) == (4 + 2 * 3, 3, 0)
-    assert np.frombuffer(row[90:], dtype=">f2").tolist() == [0.5, -1.0, 2.0]
 
 
 def test_texts_are_mixed_russian_and_english():
