@@ -83,6 +83,11 @@ def setup(data_dir: Path, n: int, *, seed: int = 0, limit_file: bool = True) -> 
             ok = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
         if ok and manifest.get("seed") == seed and (manifest.get("limit_file") or not limit_file):
             log.info("ingest %d: reusing %s", n, work)
+            from reindex.store.schema import ensure_schema
+
+            store = _connect(uri, schema)
+            with contextlib.closing(store.conn):
+                ensure_schema(store)  # migrations added since the data was made
             return manifest
     work.mkdir(parents=True, exist_ok=True)
     corpus_dir = work / "corpus"
