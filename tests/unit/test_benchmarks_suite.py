@@ -14,7 +14,7 @@ def test_report_renders_the_committed_results():
     text = render(results)
     for heading in ("**Result ingest**", "**Local encoding**", "**Incremental**", "**Airflow overhead**"):
         assert heading in text
-    assert "| limit |" in text and "| project (local disk) |" in text
+    assert "| limit |" in text and "| project (local disk), 1 task at a time |" in text
 
 
 def test_texts_are_mixed_russian_and_english():

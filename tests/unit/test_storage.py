@@ -79,3 +79,15 @@ def test_values_beyond_half_precision_fail_per_vector():
         None, None, ErrorCode.NON_FINITE, None, None]
     normed = ModelSpec("m", "r", 3, True, "local", storage="halfvec")
     assert "beyond half precision" in validate_vectors(np.array([[1e5, 0, 0]], np.float32), normed)[0][2]
+
+
+def test_validation_tells_huge_finite_vectors_from_non_finite_ones():
+    """The one-pass check (squared norms) overflows for huge finite values: those rows are looked at again,
+    so they fail as not normalised with their real norm, and NaN/inf rows as non-finite."""
+    spec = ModelSpec("m", "r", 2, True, "local")
+    vectors = np.array([[0.6, 0.8], [3e19, 4e19], [np.inf, 0], [np.nan, 0], [0.6, 0.81]], dtype=np.float32)
+    checks = validate_vectors(vectors, spec)
+    assert [c and c[1] for c in checks] == [None, ErrorCode.NOT_NORMALIZED, ErrorCode.NON_FINITE,
+                                            ErrorCode.NON_FINITE, ErrorCode.NOT_NORMALIZED]
+    assert float(checks[1][2].split()[2]) == pytest.approx(5e19, rel=1e-6)
+    assert checks[4][2] == "vector norm 1.0065 is not 1 (model normalises)"

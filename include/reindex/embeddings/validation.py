@@ -14,7 +14,10 @@ HALF_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, ErrorCode, str] | None]:
-    """One entry per row: ``None`` when the vector is loadable, else ``(row, code, message)``."""
+    """One entry per row: ``None`` when the vector is loadable, else ``(row, code, message)``.
+
+    One pass over the block (the squared norms) serves both checks: a NaN or infinite value makes its
+    row's sum non-finite; only such rows are looked at again."""
     if vectors.ndim != 2:
         raise ValueError(f"expected a 2-d array of vectors, got shape {vectors.shape}")
     n, dim = vectors.shape
@@ -22,7 +25,14 @@ def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, Er
         msg = f"vector has dimension {dim}; model {spec.model_id} has {spec.dim}"
         return [(i, ErrorCode.DIMENSION_MISMATCH, msg) for i in range(n)]
     out: list[tuple[int, ErrorCode, str] | None] = [None] * n
-    finite = np.isfinite(vectors).all(axis=1)
+    squares = np.einsum("ij,ij->i", vectors, vectors)
+    finite = np.isfinite(squares)
+    norms = np.sqrt(squares)
+    if not finite.all():  # NaN/inf values, or finite ones whose squares overflow (a huge vector)
+        odd = np.flatnonzero(~finite)
+        finite[odd] = np.isfinite(vectors[odd]).all(axis=1)
+        huge = odd[finite[odd]]
+        norms[huge] = np.linalg.norm(vectors[huge].astype(np.float64), axis=1)
     for i in np.flatnonzero(~finite):
         out[i] = (int(i), ErrorCode.NON_FINITE, "vector contains NaN or infinite values")
     ok = finite
@@ -35,7 +45,6 @@ def validate_vectors(vectors: np.ndarray, spec: ModelSpec) -> list[tuple[int, Er
                       "it would be infinite in this halfvec store")
         ok = finite & (peak <= HALF_MAX)
     if spec.normalized:
-        norms = np.linalg.norm(np.where(np.isfinite(vectors), vectors, 0), axis=1)
         bad = ok & (np.abs(norms - 1.0) > NORM_TOLERANCE)
         for i in np.flatnonzero(bad):
             out[i] = (int(i), ErrorCode.NOT_NORMALIZED, f"vector norm {norms[i]:.4f} is not 1 (model normalises)")
