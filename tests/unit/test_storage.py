@@ -90,4 +90,4 @@ def test_validation_tells_huge_finite_vectors_from_non_finite_ones():
     assert [c and c[1] for c in checks] == [None, ErrorCode.NOT_NORMALIZED, ErrorCode.NON_FINITE,
                                             ErrorCode.NON_FINITE, ErrorCode.NOT_NORMALIZED]
     assert float(checks[1][2].split()[2]) == pytest.approx(5e19, rel=1e-6)
-    assert checks[4][2] == "vector norm 1.0065 is not 1 (model normalises)"
+    assert checks[4][2] == "vector norm 1.0080 is not 1 (model normalises)"
