@@ -29,6 +29,7 @@ from reindex.store import batches as batches_store
 from reindex.store.documents import CorpusWriter
 from reindex.store.schema import ensure_schema
 from reindex.store.vectors import (
+    EmbeddingStore,
     active_model,
     build_index,
     ensure_embedding_store,
@@ -339,17 +340,28 @@ def prepare_upgrade(store: Store, cfg: ReindexConfig, *, batch_id: str, dim: int
             emb = ensure_embedding_store(store, cfg.corpus, spec, activate=False, config=model_config(cfg))
             batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, spec.checksum, kind="upgrade",
                                        dag_run_id=dag_run_id)
-            claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, keep_content_failures=False)
+            claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, keep_content_failures=False,
+                                                     convert_from=_halfvec_source(store, cfg.corpus, active, spec))
             batches_store.update_details(store, batch_id, {
                 "config": cfg.to_dict(), "previous_model_checksum": active and active["model_checksum"]})
     except BaseException:
         leases.release(store, cfg.corpus, batch_id)
         raise
-    log.info("upgrade %s of corpus %s to %s (%d-d, %s): %d chunks to embed, %d already done", batch_id, cfg.corpus,
-             spec.model_id, spec.dim, spec.checksum, claim["pending"], claim["reused"])
+    log.info("upgrade %s of corpus %s to %s (%d-d, %s, %s): %d chunks to embed, %d already done (%d converted "
+             "from the vector store)", batch_id, cfg.corpus, spec.model_id, spec.dim, spec.storage, spec.checksum,
+             claim["pending"], claim["reused"], claim["converted"])
     return {"batch_id": batch_id, "corpus": cfg.corpus, "kind": "upgrade", "model": spec.to_dict(),
             "model_checksum": spec.checksum, "vector_table": emb.table_name,
             "previous_model_checksum": active and active["model_checksum"], "chunks": row[0], **claim}
+
+
+def _halfvec_source(store: Store, corpus: str, active: dict | None, spec: ModelSpec) -> EmbeddingStore | None:
+    """The active store when the upgrade only moves the same model from ``vector`` to ``halfvec``: its
+    vectors convert exactly (a cast rounds as storing a fresh vector does), nothing is embedded again."""
+    if active is None or spec.storage != "halfvec" or active["model_checksum"] != spec.stored_as("vector").checksum:
+        return None
+    source = get_embedding_store(store, corpus, active["model_checksum"])
+    return source if source.storage == "vector" else None
 
 
 def finish_upgrade(store: Store, corpus: str, batch_id: str, model_checksum: str, *,

@@ -107,22 +107,35 @@ def test_max_tokens_over_the_model_limit_is_rejected(store, tmp_path):
 
 def test_switching_a_corpus_to_halfvec_is_an_upgrade(store, corpus_dir, encoder, capsys):
     """The same model stored as halfvec is another store: reindex_model_upgrade's stages fill it and switch;
-    later runs that follow the active model keep halfvec (restored from the registry's run config)."""
+    later runs that follow the active model keep halfvec (restored from the registry's run config). The
+    vector store's vectors are cast, not embedded again — except one beyond the half range."""
     from reindex.store.vectors import get_embedding_store
 
     cfg = ReindexConfig(corpus="kb", corpus_uri=str(corpus_dir), partition_size=100)
     _, _, first = _run(store, cfg, corpus_dir, "b1", encoder)
     vector = get_embedding_store(store, "kb")
     assert first.ready == 3 and vector.storage == "vector"
+    old = dict(store.execute(sql.SQL("SELECT chunk_pk, embedding::text FROM {} ORDER BY chunk_pk").format(
+        store.t(vector.table_name))).fetchall())
+    huge_pk = min(old)
+    store.execute(sql.SQL("UPDATE {} SET embedding = ('[' || array_to_string(array_fill(70000, ARRAY[384]), ',') || ']')"
+                          "::vector WHERE chunk_pk = %s").format(store.t(vector.table_name)), (huge_pk,))
 
     up = ReindexConfig(corpus="kb", corpus_uri="store", model=cfg.model, storage="halfvec", partition_size=100)
     manifest = pipeline.prepare_upgrade(store, up, batch_id="u1", dim=384)
     checksum = manifest["model_checksum"]
     assert checksum == encoder.spec.stored_as("halfvec").checksum != vector.model_checksum
-    assert (manifest["pending"], manifest["model"]["storage"]) == (3, "halfvec")
+    assert (manifest["pending"], manifest["converted"], manifest["model"]["storage"]) == (1, 2, "halfvec")
     for part in pipeline.plan(store, up, "u1"):
         pipeline.encode_partition(store, up, part, model_checksum=checksum, encoder=encoder)
-    assert pipeline.finish_batch(store, up, "u1", checksum).ready == 3
+    summary = pipeline.finish_batch(store, up, "u1", checksum)
+    assert (summary.total, summary.ready, summary.reused) == (1, 1, 2)
+    stored = dict(store.execute(sql.SQL("SELECT chunk_pk, embedding::text FROM {} ORDER BY chunk_pk").format(
+        store.t(get_embedding_store(store, "kb", checksum).table_name))).fetchall())
+    for pk, text in old.items():  # the cast rounds exactly as storing the float32 vector as halfvec does
+        assert np.array_equal(np.array(json.loads(stored[pk]), np.float16),
+                              np.array(json.loads(text), np.float32).astype(np.float16)), pk
+
     assert pipeline.finish_upgrade(store, "kb", "u1", checksum, retention_seconds=3600)["previous_model_checksum"] \
         == vector.model_checksum
 

@@ -112,7 +112,7 @@ def test_merge_marks_changed_and_removes_deleted(store, emb):
     with store.conn.transaction():
         batches.create_batch(store, "b2", "kb", "local", SPEC.checksum)
         claim = batches.claim_stale_chunks(store, "kb", "b2", emb)
-    assert claim == {"pending": 2, "reused": 2, "reused_by_content": 0, "kept_failed": 0}  # d1#1 stale, d4#0 none
+    assert claim == {"pending": 2, "reused": 2, "reused_by_content": 0, "converted": 0, "kept_failed": 0}  # d1#1 stale, d4#0 none
 
 
 def test_partitions_cover_the_batch_and_are_capped(store, emb):

@@ -42,7 +42,8 @@ def create_batch(store: Store, batch_id: str, corpus: str, backend: str, model_c
 
 
 def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False,
-                       keep_content_failures: bool = True, reuse_pool: str | None = None) -> dict:
+                       keep_content_failures: bool = True, reuse_pool: str | None = None,
+                       convert_from: EmbeddingStore | None = None) -> dict:
     """Assign to ``batch_id`` every chunk of ``corpus`` that needs a vector in ``emb``.
 
     A chunk has a current vector when its row in ``emb`` carries the chunk's content hash. Before
@@ -52,14 +53,31 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
     Chunks that already failed for their text (``CONTENT_CODES``, retries exhausted) stay FAILED
     when ``keep_content_failures``. With ``force`` every chunk is re-embedded.
 
-    Returns ``{"pending", "reused", "reused_by_content", "kept_failed"}``.
+    ``convert_from``: a ``vector`` store of the same model as the ``halfvec`` store ``emb``; its current
+    vectors are cast to half floats (the same rounding as storing a fresh vector there) instead of
+    embedding again — switching a corpus to ``halfvec`` costs no encode and no batch job. Vectors
+    with a value beyond the half range (norm over 65504) are left to be embedded and fail there.
+
+    Returns ``{"pending", "reused", "reused_by_content", "converted", "kept_failed"}``.
     """
     from reindex.retry import CONTENT_CODES
 
     t = store.t
     current = sql.SQL("EXISTS (SELECT 1 FROM {emb} e WHERE e.chunk_pk = c.id AND e.content_sha256 = c.content_sha256)").format(
         emb=t(emb.table_name))
-    by_content = 0
+    by_content = converted = 0
+    if convert_from is not None and not force:
+        if (convert_from.storage, emb.storage) != ("vector", "halfvec") or convert_from.dim != emb.dim:
+            raise ValueError(f"cannot convert {convert_from.table_name} ({convert_from.storage}, {convert_from.dim}-d) "
+                             f"into {emb.table_name} ({emb.storage}, {emb.dim}-d)")
+        converted = store.execute(sql.SQL("""INSERT INTO {emb} (chunk_pk, content_sha256, embedding)
+            SELECT o.chunk_pk, o.content_sha256, o.embedding::halfvec FROM {old} o
+            JOIN {chunks} c ON c.id = o.chunk_pk AND c.content_sha256 = o.content_sha256
+            WHERE c.corpus = %s AND vector_norm(o.embedding) <= 65504 AND NOT {current}
+            ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
+                embedding = EXCLUDED.embedding, updated_at = now()""").format(
+            emb=t(emb.table_name), old=t(convert_from.table_name), chunks=t("chunks"), current=current),
+            (corpus,)).rowcount
     if not force:
         sources = sql.SQL("SELECT content_sha256, embedding FROM {emb}").format(emb=t(emb.table_name))
         if reuse_pool:
@@ -96,8 +114,10 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
     reused = in_corpus - claimed - kept_failed
     store.execute(sql.SQL("""UPDATE {} SET total = %s, reused = %s, details = details || %s
         WHERE batch_id = %s""").format(t("batches")),
-        (claimed, reused, Jsonb({"reused_by_content": by_content, "kept_failed": kept_failed}), batch_id))
-    return {"pending": claimed, "reused": reused, "reused_by_content": by_content, "kept_failed": kept_failed}
+        (claimed, reused, Jsonb({"reused_by_content": by_content, "converted": converted, "kept_failed": kept_failed}),
+         batch_id))
+    return {"pending": claimed, "reused": reused, "reused_by_content": by_content, "converted": converted,
+            "kept_failed": kept_failed}
 
 
 def split_text(text: str) -> tuple[str, str] | None:
