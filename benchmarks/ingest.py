@@ -197,15 +197,7 @@ def setup_halfvec(manifest: dict) -> dict:
 
 
 def method_limit_halfvec(p: dict) -> dict:
-    from psycopg import sql
-
-    store = _connect(p["uri"], p["schema"])
-    t0 = time.perf_counter()
-    store.execute(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM {} (FORMAT BINARY)").format(
-        store.t(p["halfvec_table"]), sql.Literal(p["halfvec_file"])))
-    seconds = time.perf_counter() - t0
-    size = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['halfvec_table']}",))[0]
-    return {"seconds": seconds, "rows": p["n"], "table_mib": round(size / 2**20, 1)}
+    return _copy_file(p, p["halfvec_table"], p["halfvec_file"])
 
 
 def reset(manifest: dict, halfvec_table: str | None = None) -> None:
@@ -298,16 +290,21 @@ def _mark_ready(store, pks) -> None:
         updated_at = now() WHERE id = ANY(%s)""").format(store.t("chunks")), (list(pks),))
 
 
-def method_limit(p: dict) -> dict:
+def _copy_file(p: dict, table: str, path: str) -> dict:
+    """The limit: one server-side ``COPY table FROM '<path>' (FORMAT BINARY)``; seconds and table size."""
     from psycopg import sql
 
     store = _connect(p["uri"], p["schema"])
     t0 = time.perf_counter()
     store.execute(sql.SQL("COPY {} (chunk_pk, content_sha256, embedding) FROM {} (FORMAT BINARY)").format(
-        store.t(p["table"]), sql.Literal(p["limit_file"])))
+        store.t(table), sql.Literal(path)))
     seconds = time.perf_counter() - t0
-    size = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{p['table']}",))[0]
+    size = store.one(sql.SQL("SELECT pg_total_relation_size(%s)"), (f"{p['schema']}.{table}",))[0]
     return {"seconds": seconds, "rows": p["n"], "table_mib": round(size / 2**20, 1)}
+
+
+def method_limit(p: dict) -> dict:
+    return _copy_file(p, p["table"], p["limit_file"])
 
 
 def method_seed(p: dict) -> dict:
