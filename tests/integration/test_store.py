@@ -403,3 +403,48 @@ def test_a_vector_beyond_half_precision_fails_alone(store, half):
     assert failed[:2] == ("d1#1", "NON_FINITE")
     assert "beyond half precision (|x| <= 65504)" in failed[2]
     assert np.isfinite(_stored(store, half).astype(np.float32)).all() and len(_stored(store, half)) == 3
+
+
+def test_a_deadlocked_block_is_rolled_back_and_loaded_again(store, emb):
+    """Another transaction holds the second chunk and then asks for the first one, which the load (scanning
+    the two-row table in physical order) has just locked: PostgreSQL aborts the load's transaction as the
+    deadlock victim; the load runs the block again once the other transaction commits."""
+    import threading
+    import time
+
+    import psycopg
+
+    from reindex.store import Store
+    from reindex.store.vectors import load_vectors_by_hash
+
+    _scan(store, "kb", "b1", {"d1": ["first text", "second text"]})
+    first, second = (r[1] for r in store.execute(sql.SQL("SELECT id, content_sha256 FROM {} ORDER BY ctid").format(
+        store.t("chunks"))).fetchall())
+    uri = store.conn.info.dsn
+    other = psycopg.connect(uri, autocommit=True)
+    chunks = sql.SQL("UPDATE {} SET updated_at = now() WHERE content_sha256 = %s").format(store.t("chunks"))
+    other.execute("BEGIN")
+    other.execute(chunks, (second,))
+    result = {}
+
+    def task():
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("SET deadlock_timeout = '100ms'")
+            try:
+                result["loaded"] = load_vectors_by_hash(Store(conn, store.schema), emb, "b1", [first, second], _unit(2))
+            except Exception as e:  # noqa: BLE001 - asserted below
+                result["error"] = e
+
+    thread = threading.Thread(target=task)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not other.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+        assert time.monotonic() < deadline, "the load never waited for the held row"
+        time.sleep(0.02)
+    other.execute("SET deadlock_timeout = '5s'")  # the load detects the deadlock first and is the victim
+    other.execute(chunks, (first,))
+    other.execute("COMMIT")
+    other.close()
+    thread.join(30)
+    assert result == {"loaded": 2}
+    assert {r[1] for r in _chunks(store, "kb")} == {"READY"}
