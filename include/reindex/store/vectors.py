@@ -3,9 +3,9 @@
 ``load_vectors`` / ``load_vectors_by_hash`` flip a block's chunks to READY (one UPDATE … RETURNING,
 which also locks them), delete the vectors they replace and COPY the block straight into the vector
 table (``COPY … FROM STDIN (FORMAT BINARY)``, the payload built in place with numpy for the whole
-block, each vector written once), in one transaction. A vector is accepted only if its chunk still has the content hash it was computed
-from. A store keeps float32 (``vector``) or IEEE half floats (``halfvec``): its ``storage``, recorded in
-``embedding_stores`` and part of the model checksum.
+block, each vector written once), in one transaction. A vector is accepted only if its chunk still
+has the content hash it was computed from. A store keeps float32 (``vector``) or IEEE half floats
+(``halfvec``): its ``storage``, recorded in ``embedding_stores`` and part of the model checksum.
 """
 
 from __future__ import annotations
