@@ -12,4 +12,6 @@ WORKDIR /opt/reindex
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         -r requirements.txt -c constraints.txt \
         apache-airflow-providers-celery==3.26.0 redis==8.1.0
+# The native result parser; without a compiler in the image the simdjson path is used.
+RUN python -m reindex.native --optional
 WORKDIR /opt/airflow

@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv demo test test-fast airflow status lint lock db-stop clean bench
+.PHONY: help venv native demo test test-fast airflow status lint lock db-stop clean bench
 
 help:
 	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
@@ -31,22 +31,27 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# The native result parser (include/reindex/native/vecparse.c, loaded with ctypes): built for its exact
+# source, a no-op when already built. Without a C compiler the project runs on its simdjson path.
+native: $(STAMP)
+	$(BIN)/python -m reindex.native
+
+demo: native
 	$(BIN)/python scripts/demo.py --backend $(BACKEND)
 
-test: $(STAMP)
+test: native
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: native
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Benchmark suite (benchmarks/README.md); e.g. make bench BENCH_ARGS="--only ingest --rss-lines 1000000"
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: native
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-airflow: $(STAMP)
+airflow: native
 	eval "$$($(BIN)/python scripts/devenv.py)" && \
 	  $(BIN)/airflow db migrate >/dev/null && \
 	  echo "Airflow UI: http://localhost:8080 — login 'admin', password in $$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" && \

@@ -1,4 +1,5 @@
-"""The fast parse path (simdjson values, background parsing) gives exactly what the plain orjson path gives."""
+"""The fast parse paths (values parsed by reindex.native or simdjson, background parsing) give exactly what
+the plain orjson path gives."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ from reindex.vertex.results import ByteRange, parse_lines, stream_results
 DIM = 8
 
 pytest.importorskip("simdjson")
+
+
+@pytest.fixture(params=["native", "simdjson"])
+def values_parser(request, monkeypatch):
+    """Which parser the fast path hands the cut-out values to (native: built by make)."""
+    if request.param == "native":
+        assert results.native.vecparse is not None, "native parser not built: run `python -m reindex.native`"
+    monkeypatch.setattr(results, "NATIVE_VALUES", request.param == "native")
+    return request.param
 
 
 def vec(seed, dim=DIM):
@@ -69,7 +79,7 @@ def _numbered(lines):
 
 
 @pytest.mark.parametrize("family", [CLASSIC, GEMINI])
-def test_fast_path_matches_the_orjson_path(monkeypatch, family):
+def test_fast_path_matches_the_orjson_path(monkeypatch, family, values_parser):
     fast = parse_lines(_numbered(TRICKY), family, dim=DIM, source="f", first_line=1)
     monkeypatch.setattr(results, "FAST_VALUES", False)
     slow = parse_lines(_numbered(TRICKY), family, dim=DIM, source="f", first_line=1)
@@ -79,13 +89,15 @@ def test_fast_path_matches_the_orjson_path(monkeypatch, family):
     assert fast.vectors.dtype == np.float32
 
 
-def test_fast_path_is_bit_identical_on_realistic_floats(monkeypatch):
+def test_fast_path_is_bit_identical_on_realistic_floats(monkeypatch, values_parser):
     rng = np.random.default_rng(0)
     lines = []
     for i in range(200):
         v = rng.normal(size=768)
         lines.append(ok(f"text {i}", v / np.linalg.norm(v)))
-    assert all(results._ValuesSplitter().split(line) is not None for line in lines)  # the fast path is taken
+    splitter = results._ValuesSplitter(768)
+    assert (splitter._native is not None) == (values_parser == "native")
+    assert all(splitter.split(line) is not None for line in lines)  # the fast path is taken
     fast = parse_lines(_numbered(lines), CLASSIC, dim=768)
     monkeypatch.setattr(results, "FAST_VALUES", False)
     slow = parse_lines(_numbered(lines), CLASSIC, dim=768)

@@ -22,12 +22,13 @@ Per-line outcomes (a bad line fails only itself, never the block):
   text when possible (gemini ``"key":"…"``; classic a complete ``"content":"…"`` string, hashed),
   else ``None``. Every failure message names the source URI and the line's byte offset.
 
-Speed: vector values are never turned into Python floats when ``pysimdjson`` is installed — the
-``"values": [...]`` array of a line is cut out and parsed by simdjson straight into a float64 buffer
-(then cast to float32 like every other path), and orjson parses only the small rest of the line.
-Any line this fast path does not fully recognise is parsed whole by orjson, so results and failure
-messages are the same either way. ``stream_results`` parses in a background thread, a block or two
-ahead of the consumer, so parsing overlaps the database load of the previous block.
+Speed: vector values are never turned into Python floats. The ``"values": [...]`` array of a line is
+cut out and parsed straight into float32 by ``reindex.native`` (a one-pass C parser, built by
+``make``), else by simdjson into a float64 buffer then cast — the same values either way, exactly
+``float32(float(text))`` — and orjson parses only the small rest of the line. Any line this fast path
+does not fully recognise is parsed whole by orjson, so results and failure messages are the same
+either way. ``stream_results`` parses in a background thread, a block or two ahead of the consumer, so
+parsing overlaps the database load of the previous block.
 
 Within one block a key is reported once: the first success wins, and failures of a key that
 succeeded in the same block are dropped. Across blocks a key may repeat (duplicate requests, a
@@ -51,6 +52,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 import orjson
 
+from reindex import native
 from reindex.errors import ErrorCode
 from reindex.vertex.formats import CLASSIC, GEMINI, Family, content_key
 
@@ -63,7 +65,8 @@ DEFAULT_BLOCK_LINES = 2000
 DEFAULT_READ_BLOCK = 1 << 20
 DEFAULT_PREFETCH = 1  # blocks parsed ahead of the consumer by stream_results (0: no background thread)
 YIELD_EVERY = 16  # background parser: lines between GIL hand-offs to the consumer (0: never)
-FAST_VALUES = _simdjson is not None  # cut out and parse "values" arrays with simdjson
+FAST_VALUES = _simdjson is not None or native.vecparse is not None  # cut out "values" arrays
+NATIVE_VALUES = native.vecparse is not None  # parse them with reindex.native (else simdjson)
 MAX_MESSAGE_CHARS = 500
 
 # ---------------------------------------------------------------------------------------------
@@ -369,20 +372,23 @@ _VALUES = re.compile(rb'"values"\s*:\s*\[')
 
 
 class _ValuesSplitter:
-    """Cut the one ``"values": [...]`` array out of a raw line and parse it with simdjson.
+    """Cut the one ``"values": [...]`` array out of a raw line and parse it (native parser, else simdjson).
 
     ``split(raw)`` returns ``(rest, values)``: the line with that array replaced by ``[]`` and the
-    array's numbers as float64, or ``None`` whenever the line is not that simple (no or several
+    array's numbers (float32 of ``dim`` values from the native parser, in a buffer reused by the next
+    call; else float64 from simdjson), or ``None`` whenever the line is not that simple (no or several
     ``"values"`` keys, an array holding anything but numbers, nested arrays, invalid JSON numbers
     such as ``NaN``) — the caller then parses the whole line with orjson. The array ends at its
     first ``]``, so a nested or string-holding array never parses here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = 0) -> None:
         self._parser = _simdjson.Parser() if _simdjson is not None else None
+        self._scratch = np.empty(dim, dtype=np.float32)
+        self._native = native.vecparse.bind(self._scratch) if NATIVE_VALUES and dim > 0 else None
 
     def split(self, raw: bytes) -> tuple[bytes, np.ndarray] | None:
-        if self._parser is None:
+        if self._parser is None and self._native is None:
             return None
         m = _VALUES.search(raw)
         if m is None:
@@ -393,6 +399,10 @@ class _ValuesSplitter:
             return None
         rest = raw[:start] + b"[]" + raw[end + 1:]
         if rest.count(b'"values"') != 1:
+            return None
+        if self._native is not None and self._native(raw, start, end) == len(self._scratch):
+            return rest, self._scratch  # float32, reused: the caller copies it before the next split
+        if self._parser is None:
             return None
         doc = None
         try:
@@ -430,7 +440,7 @@ class BlockParser:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.family, self.dim, self._capacity = family, dim, max(1, capacity)
-        self._splitter = _ValuesSplitter()
+        self._splitter = _ValuesSplitter(dim)
         self._reset()
 
     def _reset(self) -> None:
