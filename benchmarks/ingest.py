@@ -385,6 +385,8 @@ def _task_init(p: dict) -> None:
         results.DEFAULT_PREFETCH = int(variant["prefetch"])
     if "fast_values" in variant:
         results.FAST_VALUES = bool(variant["fast_values"])
+    if "native" in variant:
+        results.NATIVE_VALUES = bool(variant["native"]) and results.native.vecparse is not None
     if variant.get("proposal"):
         from benchmarks import proposals
 
@@ -507,6 +509,8 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
             if variants:
                 plan.append(("project, staged upsert (the load before P1/P5), 1 task", "project",
                              {"variant": {"proposal": "staged"}}))
+                plan.append(("project, simdjson values (native parser off), 1 task", "project",
+                             {"variant": {"native": False}}))
                 plan.append(("project, orjson parse without read-ahead, 1 task", "project",
                              {"variant": {"prefetch": 0, "fast_values": False}}))
         else:
