@@ -34,7 +34,7 @@ venv: $(STAMP)
 # The native result parser (include/reindex/native/vecparse.c, loaded with ctypes): built for its exact
 # source, a no-op when already built. Without a C compiler the project runs on its simdjson path.
 native: $(STAMP)
-	$(BIN)/python -m reindex.native
+	$(BIN)/python -m reindex.native --optional
 
 demo: native
 	$(BIN)/python scripts/demo.py --backend $(BACKEND)

@@ -15,10 +15,17 @@ from reindex import native
 PATHS = ["simd", "portable"]
 
 
+def built():
+    """The loaded parser; a skip only where no C compiler exists at all (then simdjson is the path)."""
+    if native.vecparse is None and native.compiler() is None:
+        pytest.skip("no C compiler on this machine: the native parser cannot be built")
+    assert native.vecparse is not None, "native parser not built: run `python -m reindex.native` (make does)"
+    return native.vecparse
+
+
 @pytest.fixture(params=PATHS)
 def parser(request):
-    vp = native.vecparse
-    assert vp is not None, "native parser not built: run `python -m reindex.native` (make does)"
+    vp = built()
     if request.param == "simd" and not vp.use_simd(True):
         pytest.skip("this processor has no SSE4.1")
     if request.param == "portable":
@@ -144,8 +151,7 @@ def test_count_beyond_the_output_is_reported_without_writing_past_it(parser):
 
 
 def test_reads_only_inside_the_line():
-    vp = native.vecparse
-    assert vp is not None
+    vp = built()
     out = np.empty(3, np.float32)
     # the array ends the line: the fast path needs bytes after each number and must not read past the end
     for text in (b"[0.1234567890123456,0.5,-0.25]", b"[1,2,3]"):
@@ -158,6 +164,7 @@ def test_reads_only_inside_the_line():
 
 
 def test_build_is_keyed_by_the_source():
+    built()
     path = native.library_path()
     assert path.exists() and path.name.startswith("_vecparse-")
     assert native.build() == path  # already built: nothing to do

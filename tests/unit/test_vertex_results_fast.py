@@ -22,8 +22,10 @@ pytest.importorskip("simdjson")
 @pytest.fixture(params=["native", "simdjson"])
 def values_parser(request, monkeypatch):
     """Which parser the fast path hands the cut-out values to (native: built by make)."""
-    if request.param == "native":
-        assert results.native.vecparse is not None, "native parser not built: run `python -m reindex.native`"
+    if request.param == "native" and results.native.vecparse is None:
+        if results.native.compiler() is None:
+            pytest.skip("no C compiler on this machine: the native parser cannot be built")
+        raise AssertionError("native parser not built: run `python -m reindex.native` (make does)")
     monkeypatch.setattr(results, "NATIVE_VALUES", request.param == "native")
     return request.param
 

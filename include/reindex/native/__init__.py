@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sysconfig
 from collections.abc import Callable
@@ -37,12 +38,24 @@ def library_path() -> Path:
     return HERE / f"_vecparse-{digest}.so"
 
 
+def compiler() -> str | None:
+    """The C compiler ``build`` uses (``$CC``, else Python's own, else ``cc``), or None when there is none."""
+    for cc in (os.environ.get("CC"), (sysconfig.get_config_var("CC") or "").split()[:1], "cc"):
+        name = cc[0] if isinstance(cc, list) else cc
+        found = name and shutil.which(name)
+        if found:
+            return found
+    return None
+
+
 def build(*, force: bool = False) -> Path:
     """Compile ``vecparse.c`` into ``library_path()`` (a no-op when it is there); raise when it fails."""
     target = library_path()
     if target.exists() and not force:
         return target
-    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, Python's CC, cc): the native parser is not built")
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     cmd = [cc, "-O2", "-fPIC", "-shared", "-std=c11", "-Wall", "-Werror", "-o", str(tmp), str(SOURCE), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
