@@ -156,15 +156,19 @@ def reference_lines(data):
     return numbered(parts) if data else []
 
 
+def random_lines_case(rnd, blocks):
+    """Random short lines (some empty, maybe no final newline), cut points covering them, a block size."""
+    lines = [bytes(rnd.choice(b"ab{}\",") for _ in range(rnd.choice([0, 0, 1, 3, 10, 40])))
+             for _ in range(rnd.randint(0, 25))]
+    data = b"\n".join(lines) + (b"\n" if rnd.random() < 0.5 else b"")
+    cuts = sorted({0, len(data), *(rnd.randint(0, len(data)) for _ in range(rnd.randint(0, 8)))})
+    return data, cuts, rnd.choice(blocks)
+
+
 def test_iter_range_lines_random_cuts_every_line_exactly_once():
     rnd = random.Random(42)
     for trial in range(400):
-        lines = [bytes(rnd.choice(b"ab{}\",") for _ in range(rnd.choice([0, 0, 1, 3, 10, 40])))
-                 for _ in range(rnd.randint(0, 25))]
-        data = b"\n".join(lines) + (b"\n" if rnd.random() < 0.5 else b"")
-        size = len(data)
-        cuts = sorted({0, size, *(rnd.randint(0, size) for _ in range(rnd.randint(0, 8)))})
-        block = rnd.choice([1, 2, 3, 7, 64, 1 << 20])
+        data, cuts, block = random_lines_case(rnd, [1, 2, 3, 7, 64, 1 << 20])
         got = []
         for start, end in zip(cuts, cuts[1:], strict=False):
             f = (CountingFile if trial % 2 else ReadOnlyFile)(data)
@@ -380,6 +384,44 @@ def test_stream_results_memory_stays_flat_on_a_50mb_file(tmp_path):
     assert peak < 32_000_000
 
 
+class FakeBlob:
+    """``download_as_bytes`` as GCS answers a ranged GET: inclusive ``end``, 416 from the end on."""
+
+    def __init__(self, data):
+        self.data, self.requests = data, []
+
+    def download_as_bytes(self, start, end, checksum, single_shot_download):
+        from google.api_core.exceptions import RequestRangeNotSatisfiable
+
+        assert checksum is None and single_shot_download
+        self.requests.append((start, end))
+        if start >= len(self.data):
+            raise RequestRangeNotSatisfiable("range not satisfiable")
+        return self.data[start:end + 1]
+
+
+def test_gcs_range_reader_reads_every_line_once_in_ranged_requests():
+    from reindex.vertex.results import _BlobRangeReader
+
+    rnd = random.Random(7)
+    for trial in range(200):
+        data, cuts, block = random_lines_case(rnd, [1, 2, 5, 64, 4 << 20])
+        got = []
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            blob = FakeBlob(data)
+            with _BlobRangeReader(blob) as f:
+                got.extend(iter_range_lines(f, start, end, block_size=block))
+            assert all(e - s + 1 <= block for s, e in blob.requests)
+            assert all(s < len(data) for s, _ in blob.requests[:-1])  # only the last may hit the end
+        assert got == reference_lines(data), (trial, data, cuts, block)
+    reader = _BlobRangeReader(FakeBlob(b"abc"))
+    with pytest.raises(io.UnsupportedOperation):
+        reader.seek(1, io.SEEK_CUR)
+    reader.close()
+    with pytest.raises(ValueError):
+        reader.readinto(bytearray(2))
+
+
 def test_gcs_adapters_against_the_emulator():
     gcs = pytest.importorskip("reindex.emulators.gcs")
     from reindex.vertex.requests import GcsShardOpener, write_request_shards
@@ -402,7 +444,7 @@ def test_gcs_adapters_against_the_emulator():
         assert [u.rsplit("/", 1)[1] for u, _ in files] == ["errors_0001.jsonl", "predictions_0001.jsonl"]
         ranges = plan_ranges(files, target_bytes=5_000)
         assert len(ranges) > 3
-        blocks = list(stream_results(GcsRangeOpener(client, chunk_size=2_048), ranges, GEMINI, DIM, block_lines=64))
+        blocks = list(stream_results(GcsRangeOpener(client), ranges, GEMINI, DIM, block_lines=64, block_size=2_048))
     assert sorted(k for b in blocks for k in b.keys) == sorted(f"k{i}" for i in range(250))
     assert [(f.key, f.code) for b in blocks for f in b.failures] == [("k999", ErrorCode.UNAVAILABLE)]
 

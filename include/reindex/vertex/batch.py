@@ -21,6 +21,7 @@ from reindex.store.vectors import EmbeddingStore, load_vectors_by_hash, mark_fai
 from reindex.vertex.formats import Family
 from reindex.vertex.requests import GcsShardOpener, write_request_shards
 from reindex.vertex.results import (
+    DEFAULT_READ_BLOCK,
     ByteRange,
     GcsRangeOpener,
     list_result_files,
@@ -86,8 +87,9 @@ def ingest_ranges(store: Store, emb: EmbeddingStore, spec: ModelSpec, batch_id: 
     opener = open_range or GcsRangeOpener(storage_client)
     counts = {"lines": 0, "ready": 0, "failed": 0, "unattributed": 0, "tokens": 0}
     by_reason: dict[str, int] = {}
+    read_block = getattr(opener, "read_block", DEFAULT_READ_BLOCK)
     for block in stream_results(opener, [ByteRange.from_dict(r) for r in ranges], family, spec.dim,
-                                block_lines=block_lines):
+                                block_lines=block_lines, block_size=read_block):
         counts["lines"] += block.lines
         counts["tokens"] += block.token_count
         failures = [(f.key, f.code, f.message) for f in block.failures]

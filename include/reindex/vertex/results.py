@@ -40,6 +40,7 @@ processed (failures with key ``None`` cannot be attributed, so such chunks end u
 
 from __future__ import annotations
 
+import io
 import math
 import queue
 import re
@@ -63,6 +64,7 @@ except ImportError:  # pragma: no cover - exercised when pysimdjson is not insta
 
 DEFAULT_BLOCK_LINES = 2000
 DEFAULT_READ_BLOCK = 1 << 20
+GCS_READ_BLOCK = 4 << 20  # bytes per ranged GET when reading results from GCS (fewer round trips)
 DEFAULT_PREFETCH = 1  # blocks parsed ahead of the consumer by stream_results (0: no background thread)
 YIELD_EVERY = 16  # background parser: lines between GIL hand-offs to the consumer (0: never)
 FAST_VALUES = _simdjson is not None or native.vecparse is not None  # cut out "values" arrays
@@ -739,15 +741,62 @@ def list_result_files(client, output_directory: str) -> list[tuple[str, int]]:
 
 
 class GcsRangeOpener:
-    """``open_range`` for ``stream_results`` over GCS: a ranged ``BlobReader`` with a small chunk size.
+    """``open_range`` for ``stream_results`` over GCS: a seekable reader of the blob whose every
+    ``readinto`` is one ranged GET of exactly the bytes asked for (``iter_range_lines`` asks its
+    ``block_size``; ``ingest_ranges`` reads ``read_block`` = 4 MiB at a time through this opener),
+    the response read in one piece (``single_shot_download``).
 
-    The default ``BlobReader`` chunk is 40 MiB; ``chunk_size`` keeps each request (and memory) small.
+    ``BlobReader`` (``blob.open("rb")``) streams each response through Python in 8 KiB pieces and copies
+    every block through its own buffer: reading 1.6 GB of results through the emulator took 4.5–5.1
+    client CPU-seconds that way (1 MiB requests), 1.5–1.7 with this reader and 4 MiB requests — and a
+    quarter of the round trips. A range read has no whole-object checksum to check (GCS has none for a
+    range), as with ``BlobReader``; requests are retried with the storage library's default policy.
     """
 
-    def __init__(self, client, *, chunk_size: int = DEFAULT_READ_BLOCK) -> None:
-        self.client, self.chunk_size = client, chunk_size
+    read_block = GCS_READ_BLOCK  # what ``ingest_ranges`` reads at a time through this opener
+
+    def __init__(self, client) -> None:
+        self.client = client
 
     def __call__(self, r: ByteRange) -> BinaryIO:
         from google.cloud.storage import Blob
 
-        return Blob.from_uri(r.uri, client=self.client).open("rb", chunk_size=self.chunk_size)
+        return _BlobRangeReader(Blob.from_uri(r.uri, client=self.client))
+
+
+class _BlobRangeReader(io.RawIOBase):
+    def __init__(self, blob) -> None:
+        super().__init__()
+        self._blob, self._pos = blob, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET or pos < 0:
+            raise io.UnsupportedOperation("only absolute, non-negative seeks")
+        self._pos = pos
+        return pos
+
+    def readinto(self, b) -> int:
+        from google.api_core.exceptions import RequestRangeNotSatisfiable
+
+        self._checkClosed()
+        n = len(b)
+        if n == 0:
+            return 0
+        try:
+            data = self._blob.download_as_bytes(start=self._pos, end=self._pos + n - 1, checksum=None,
+                                                single_shot_download=True)
+        except RequestRangeNotSatisfiable:  # at or past the end of the object
+            return 0
+        k = min(len(data), n)
+        memoryview(b).cast("B")[:k] = data[:k] if k < len(data) else data
+        self._pos += k
+        return k
