@@ -2,7 +2,8 @@
  * vecparse: parse a JSON array of numbers straight into float32, one pass, no allocation.
  *
  * Contract (what the Python side relies on):
- *   rx_parse_f32_array(s, start, end, out, cap) parses s[start..end] inclusive, which must be exactly
+ *   rx_parse_f32_array(s, size, start, end, out, cap) parses s[start..end] inclusive (s holds `size`
+ *   bytes; the fast path reads ahead within them, never past), which must be exactly
  *   "[" number ("," number)* "]" or "[]" with JSON whitespace around the numbers, every number valid
  *   JSON (RFC 8259: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?). It returns the count of numbers
  *   (writing the first `cap` of them to out), or -1 when the text is anything else, or when a number
@@ -37,7 +38,6 @@ static const double N10[23] = {1e0,   1e-1,  1e-2,  1e-3,  1e-4,  1e-5,  1e-6,  
                                1e-12, 1e-13, 1e-14, 1e-15, 1e-16, 1e-17, 1e-18, 1e-19, 1e-20, 1e-21, 1e-22};
 
 static locale_t c_locale = (locale_t)0;
-
 
 int rx_abi_version(void) { return 1; }
 
@@ -75,6 +75,17 @@ static int slow_double(const char *s, size_t n, double *out) {
     if (d != 0.0 && fabs(d) < 2.2250738585072014e-308) return -1; /* subnormal: leave to the general path */
     *out = d;
     return 0;
+}
+
+/* Whether (float)d is surely the float32 of the correctly rounded double of the number d approximates
+   (d within a few ulps of it, positive, in the normal float32 range): float32 keeps 24 of the 53
+   significand bits and the cast rounds on the 29 dropped ones, the boundary between two floats being
+   where they are 1 << 28; 16 ulps away from it the two casts cannot differ. */
+static inline int f32_sure(double d) {
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    int64_t low = (int64_t)(bits & ((1ULL << 29) - 1)) - (1LL << 28);
+    return d >= 1.1754943508222875e-38 && d < 3.4028234663852886e38 && (low > 16 || low < -16);
 }
 
 /* Parse one number at *pp (< end); 0 and *pp past it on success, -1 when invalid or out of range. */
@@ -156,17 +167,9 @@ static inline int parse_number(const char **pp, const char *end, float *out) {
             d = d * N10[22] * N10[-e10 - 22];
         else
             d = e10 < 0 ? d * N10[-e10] : d * P10[e10];
-        if (d >= 1.1754943508222875e-38 && d < 3.4028234663852886e38) {
-            /* float32 keeps 24 of the 53 significand bits; the cast rounds on the 29 dropped ones, and
-               the boundary between two floats is where they are 1 << 28. Far from it, the cast of the
-               correctly rounded double is the cast of d. */
-            uint64_t bits;
-            memcpy(&bits, &d, 8);
-            int64_t low = (int64_t)(bits & ((1ULL << 29) - 1)) - (1LL << 28);
-            if (low > 16 || low < -16) {
-                *out = (float)(neg ? -d : d);
-                return 0;
-            }
+        if (f32_sure(d)) {
+            *out = (float)(neg ? -d : d);
+            return 0;
         }
     }
     if (slow_double(start, (size_t)(p - start), &d)) return -1;
@@ -274,10 +277,7 @@ static inline int finish(const char *p, const char *e, int neg, uint64_t m, int 
     }
     double d = (double)m * N10[len <= 22 ? len : 22];
     if (len > 22) d *= N10[len - 22];
-    uint64_t bits;
-    memcpy(&bits, &d, 8);
-    int64_t low = (int64_t)(bits & ((1ULL << 29) - 1)) - (1LL << 28);
-    if (d >= 1.1754943508222875e-38 && (low > 16 || low < -16)) {
+    if (f32_sure(d)) {
         *out = (float)(neg ? -d : d);
         return 1;
     }

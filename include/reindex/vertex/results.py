@@ -766,8 +766,10 @@ class GcsRangeOpener:
 
 class _BlobRangeReader(io.RawIOBase):
     def __init__(self, blob) -> None:
+        from google.api_core.exceptions import RequestRangeNotSatisfiable
+
         super().__init__()
-        self._blob, self._pos = blob, 0
+        self._blob, self._pos, self._past_end = blob, 0, RequestRangeNotSatisfiable
 
     def readable(self) -> bool:
         return True
@@ -785,8 +787,6 @@ class _BlobRangeReader(io.RawIOBase):
         return pos
 
     def readinto(self, b) -> int:
-        from google.api_core.exceptions import RequestRangeNotSatisfiable
-
         self._checkClosed()
         n = len(b)
         if n == 0:
@@ -794,9 +794,9 @@ class _BlobRangeReader(io.RawIOBase):
         try:
             data = self._blob.download_as_bytes(start=self._pos, end=self._pos + n - 1, checksum=None,
                                                 single_shot_download=True)
-        except RequestRangeNotSatisfiable:  # at or past the end of the object
+        except self._past_end:  # at or past the end of the object
             return 0
         k = min(len(data), n)
-        memoryview(b).cast("B")[:k] = data[:k] if k < len(data) else data
+        memoryview(b).cast("B")[:k] = memoryview(data)[:k]
         self._pos += k
         return k
