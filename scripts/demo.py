@@ -34,6 +34,16 @@ def main() -> int:
 
     if args.corpus is None:
         args.corpus = "sample" if args.backend == "local" else f"sample_{args.backend}"
+    if "://" not in args.corpus_uri:
+        # refuse a missing, unreadable or empty corpus before starting anything (seconds, not minutes)
+        from reindex.corpus import check_corpus_root
+        from reindex.errors import CorpusError
+
+        try:
+            check_corpus_root(Path(args.corpus_uri).expanduser().absolute(), args.corpus, args.corpus_uri)
+        except CorpusError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 2
     env = devenv.setup()
     os.environ.update(env)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, env=os.environ,
@@ -64,26 +74,46 @@ def main() -> int:
         retry_runs.append(dr)
     seconds = time.monotonic() - started
 
+    import psycopg
+
     from reindex.backends import backend_for
     from reindex.config import ReindexConfig
     from reindex.store import Store, connect
     from reindex.store.search import corpus_status, search
 
-    with connect(env["REINDEX_STORE_URI"], autocommit=True) as conn:
-        store = Store(conn)
-        status = corpus_status(store, args.corpus)
-        batch = status["last_batch"] or {}
-        # the emulator embeds with the same bundled MiniLM, so the query is encoded locally either way
-        cfg = ReindexConfig(corpus=args.corpus, corpus_uri=args.corpus_uri)
-        hits = search(store, args.corpus, backend_for(cfg).encoder.encode([args.query])[0], k=3)
-        batches = store.execute(
-            "SELECT batch_id, kind, status, total, ready, failed, counts_by_reason, reused FROM reindex.batches "
-            "WHERE corpus = %s ORDER BY started_at DESC LIMIT %s", (args.corpus, 1 + len(retry_runs))).fetchall()
-    encoded = sum(b[4] for b in batches)  # vectors computed by this run: its batch and retry batches
     print()
     print(f"reindex_corpus run {dr.run_id}: {dr.state}")
+    failed_tasks = _failed_tasks(dr)
+    if failed_tasks:  # listed even when the run's state is success (a teardown can decide that)
+        print(f"  failed     {', '.join(failed_tasks)} (the error is in the log above)")
+    with connect(env["REINDEX_STORE_URI"], autocommit=True) as conn:
+        store = Store(conn)
+        try:
+            status = corpus_status(store, args.corpus)
+        except (LookupError, psycopg.errors.UndefinedTable):  # the run failed before it wrote anything
+            status = None
+        batches = [] if status is None else store.execute(
+            "SELECT batch_id, kind, status, total, ready, failed, counts_by_reason, reused FROM reindex.batches "
+            "WHERE corpus = %s ORDER BY started_at DESC LIMIT %s", (args.corpus, 1 + len(retry_runs))).fetchall()
+        if not batches:
+            _stop_emulators(emulator)
+            print(f"demo: nothing was indexed: the run recorded no batch for corpus {args.corpus!r} at "
+                  f"{args.corpus_uri} (failed: {', '.join(failed_tasks) or 'see the log above'})", file=sys.stderr)
+            return 1
+        failed_docs = store.execute(
+            "SELECT doc_id, error_code, error_message FROM reindex.documents WHERE corpus = %s AND status = 'FAILED' "
+            "ORDER BY doc_id LIMIT 5", (args.corpus,)).fetchall()
+        hits = []
+        if status["chunks"]["READY"]:
+            # the emulator embeds with the same bundled MiniLM, so the query is encoded locally either way
+            cfg = ReindexConfig(corpus=args.corpus, corpus_uri=args.corpus_uri)
+            hits = search(store, args.corpus, backend_for(cfg).encoder.encode([args.query])[0], k=3)
+    batch = status["last_batch"] or {}
+    encoded = sum(b[4] for b in batches)  # vectors computed by this run: its batch and retry batches
     print(f"  corpus     {args.corpus}  ({args.corpus_uri})")
     print(f"  documents  {status['documents']['OK']} ok, {status['documents']['FAILED']} failed")
+    for doc_id, code, message in failed_docs:
+        print(f"    {doc_id}: {code}: {message}")
     print(f"  chunks     {status['chunks_total']}: READY {status['chunks']['READY']}, "
           f"FAILED {status['chunks']['FAILED']}, PENDING {status['chunks']['PENDING']}")
     print(f"  last batch {batch.get('batch_id')} [{batch.get('kind')}] {batch.get('status')}: "
@@ -98,13 +128,29 @@ def main() -> int:
     print(f"\nTop 3 for {args.query!r}:")
     for i, h in enumerate(hits, 1):
         print(f"  {i}. {h.score:.3f}  {h.doc_id}  {h.text[:100]!r}")
+    if not hits:
+        print("  (none: no chunk of this corpus has a vector)")
     print(f"\nInspect: .venv/bin/python -m reindex status --corpus {args.corpus}")
     if os.environ.get("REINDEX_DEMO_JSON"):
         Path(os.environ["REINDEX_DEMO_JSON"]).write_text(json.dumps(status, default=str))
+    _stop_emulators(emulator)
+    if dr.state != DagRunState.SUCCESS:
+        return 1
+    if not status["chunks"]["READY"]:
+        print(f"demo: nothing was indexed: corpus {args.corpus!r} has no chunk with a vector "
+              f"({status['documents']['FAILED']} document(s) failed, listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stop_emulators(emulator) -> None:
     if emulator is not None:
         emulator.stop()
         emulator.stop_gcs()
-    return 0 if dr.state == DagRunState.SUCCESS else 1
+
+
+def _failed_tasks(dr) -> list[str]:
+    return sorted({ti.task_id for ti in dr.get_task_instances() if str(ti.state) == "failed"})  # not upstream_failed
 
 
 def start_vertex_emulators():

@@ -2,21 +2,65 @@
 
 The root is any path-like object with ``iterdir``/``is_dir``/``open`` (``pathlib.Path`` here,
 Airflow's ``ObjectStoragePath`` for ``file://`` and ``gs://`` URIs in the DAG). Documents are
-yielded one at a time; .jsonl is read line by line and .parquet in record batches, so a corpus
-never sits in memory. A document that cannot be read becomes a ``FailedDocument`` with its
-reason and the rest of the corpus proceeds.
+yielded one at a time; .jsonl is read line by line and .parquet one row group at a time in record
+batches, so a corpus never sits in memory.
+
+One bad path never sinks a corpus: whatever cannot be read becomes a ``FailedDocument`` with its
+reason and the scan goes on —
+
+- a file that cannot be opened or read (permission denied, symlink loop, broken symlink, I/O
+  error): one failure with the file's relative path as ``doc_id``;
+- a folder that cannot be listed: one failure with ``doc_id`` = its relative path + ``/``
+  (``private/``); nothing under it is read this run;
+- a file that is not UTF-8 (``DECODE_ERROR``), a .jsonl line that is not a JSON object with
+  ``id`` and ``text``, a document over ``max_document_bytes`` (``BAD_DOCUMENT``);
+- a .parquet file whose footer or schema cannot be read (not parquet, truncated, no ``id`` /
+  ``text`` column): one failure for the file, with pyarrow's message;
+- a parquet row group that cannot be decoded: the rows read before the error stay, the rest of
+  that row group is one failure (``<file>:row-group-<n>``, 1-based, naming the rows lost) and the
+  next row group is read;
+- a .jsonl/.txt read that breaks in the middle: the lines read stay, the rest of the file is one
+  failure (``doc_id`` = the file's relative path).
+
+Only a root that cannot be listed at all raises ``CorpusError`` (a whole corpus of failures would
+look like "every document was deleted" to the store). ``check_corpus_root`` is the cheap check to
+run before anything is written.
+
+Symbolic links (local corpora: ``pathlib.Path`` and ``file://``; object stores have none):
+
+- the corpus root itself may be a link: it is what the caller named;
+- a link whose real target (``os.path.realpath``) lies outside the corpus root's real path is
+  skipped, logged and counted in ``stats['skipped_links']`` — a corpus never reads beyond its root;
+- a link whose target lies inside the root under visible names is an alias: the scan reaches the
+  target by its own path anyway, so the link is not followed (``stats['alias_links']``). Every
+  file is therefore read once, under one stable ``doc_id`` that does not depend on links or on
+  the walk order, and a link to a parent (``a/up -> ..``) cannot make the walk loop;
+- a link whose target lies inside the root under a hidden name (``.`` prefix: the scan skips
+  those) is followed and read under the link's path — the layout of Kubernetes ConfigMap and
+  Secret volumes (``kb.md -> ..data/kb.md``). Directories reached that way are recorded by real
+  path and never visited twice, files reached that way are read once;
+- a link that loops (``loop.txt -> loop.txt``) or dangles is a failure of that path.
+
+Hidden files and folders (``.`` prefix) are skipped. Files and folders are visited in sorted
+name order; a local walk lists each folder once with ``os.scandir`` and needs no ``stat`` per
+file (only links are resolved).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
+from pathlib import PurePath
 from typing import Any, Protocol
 
 import orjson
 
-from reindex.errors import CorpusError, ErrorCode
+from reindex.errors import CorpusError, EmptyCorpusError, ErrorCode
 from reindex.sanitize import decode_utf8, sanitize_text
 
 log = logging.getLogger(__name__)
@@ -24,6 +68,11 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md")
 SUPPORTED_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 1024
+# The code of a path that could not be read at all (permission, symlink loop, unreadable folder,
+# I/O error, corrupt container). ``ErrorCode`` has no dedicated member yet; the reason text says
+# which of these it was.
+UNREADABLE_CODE: ErrorCode = ErrorCode.BAD_DOCUMENT
+_LOGGED_LINKS = 20  # skipped links logged one by one; the rest only counted (a summary line at the end)
 
 
 class CorpusPath(Protocol):
@@ -52,62 +101,299 @@ class FailedDocument:
     reason: str
 
 
-def _suffix(path: CorpusPath) -> str:
-    name = path.name.lower()
+def _suffix(name: str) -> str:
+    name = name.lower()
     dot = name.rfind(".")
     return name[dot:] if dot > 0 else ""
 
 
-def _walk(root: CorpusPath) -> Iterator[CorpusPath]:
-    """Files under ``root`` in a stable (sorted) order; hidden files and folders are skipped."""
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            yield from _walk(child)
+def _error_text(e: BaseException) -> str:
+    """A one-line reason for an exception raised while reading a path."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    code = getattr(e, "errno", None)
+    if code == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if isinstance(e, FileNotFoundError):
+        return "does not exist (a broken symlink, or removed during the scan)"
+    text = " ".join(str(e).split())  # pyarrow messages span lines
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _local_path(path: CorpusPath) -> str | None:
+    """The OS path of a local corpus path (``pathlib`` or a ``file://`` ObjectStoragePath), else None."""
+    if isinstance(path, PurePath):
+        return os.fspath(path)
+    if getattr(path, "protocol", None) in ("file", "local"):
+        local = getattr(path, "path", None)
+        return local if isinstance(local, str) else None
+    return None
+
+
+def _root_is_dir(root: CorpusPath, where: str) -> bool:
+    """Whether the root is a folder (else a single file); ``CorpusError`` naming what is wrong."""
+    local = _local_path(root)
+    if local is not None:
+        try:
+            return stat.S_ISDIR(os.stat(local).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CorpusError(f"{where} does not exist") from None
+        except OSError as e:
+            raise CorpusError(f"{where} is not readable: {_error_text(e)}") from None
+    try:
+        if not root.exists():
+            raise CorpusError(f"{where} does not exist")
+        return root.is_dir()
+    except CorpusError:
+        raise
+    except Exception as e:
+        raise CorpusError(f"{where} is not readable: {_error_text(e)}") from None
+
+
+@dataclass(slots=True)
+class _Dir:
+    path: CorpusPath
+    local: str | None  # the OS path it is listed by (through links, as reached), local corpora only
+    rel: str  # relative to the root, "" for the root
+    real: str | None  # its real path, when reached through a followed link (else not needed)
+    linked: bool  # reached through a followed link: its folders and files are recorded by real path
+
+
+# What the walk yields for a file: its path, its relative path, and why it cannot be read (or None).
+_FileEntry = tuple[CorpusPath, str, str | None]
+
+
+class _Walker:
+    """Files under a root folder in sorted order, with the symlink policy of the module docstring.
+
+    Yields ``(path, rel, problem)`` per file (any type; ``problem`` is set for a link that loops,
+    dangles or cannot be resolved) and a ``FailedDocument`` per folder that cannot be listed.
+    Raises ``CorpusError`` when the root itself cannot be listed.
+    """
+
+    def __init__(self, root: CorpusPath, stats: dict[str, int], where: str, *, log_links: bool = True) -> None:
+        self.root = root
+        self.stats = stats
+        self.where = where
+        self.log_links = log_links
+        self.local = _local_path(root)
+        self.root_real = os.path.realpath(self.local) if self.local is not None else None
+        if self.root_real is not None:
+            self.root_prefix = self.root_real.rstrip("/") + "/"
+        # real paths of the folders and files reached through followed links (hidden targets only:
+        # everything else is reached once by the plain walk, which is a tree)
+        self.linked_dirs: set[str] = set()
+        self.linked_files: set[str] = set()
+
+    def __iter__(self) -> Iterator[_FileEntry | FailedDocument]:
+        stack = [self._entries(_Dir(self.root, self.local, "", None, False))]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, _Dir):
+                stack.append(self._entries(item))  # depth first, in place: the old sorted order
+            else:
+                yield item
+
+    def _list_failed(self, d: _Dir, e: Exception) -> FailedDocument:
+        if not d.rel:
+            raise CorpusError(f"{self.where} is not readable: cannot list its root folder ({_error_text(e)})") from None
+        self.stats["unreadable_dirs"] += 1
+        return FailedDocument(d.rel + "/", str(d.path), UNREADABLE_CODE,
+                              f"{d.rel}/: folder not readable ({_error_text(e)}); nothing under it was read")
+
+    def _entries(self, d: _Dir) -> Iterator[_Dir | _FileEntry | FailedDocument]:
+        if d.local is None:
+            yield from self._remote_entries(d)
+            return
+        try:
+            with os.scandir(d.local) as it:
+                entries = sorted(it, key=attrgetter("name"))
+        except OSError as e:
+            yield self._list_failed(d, e)
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            rel = f"{d.rel}/{name}" if d.rel else name
+            child = d.path / name
+            try:
+                # both answered from the directory entry's d_type: no stat for a plain file
+                if entry.is_symlink():
+                    yield from self._link(child, entry.path, rel)
+                    continue
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError as e:
+                yield child, rel, _error_text(e)
+                continue
+            if not d.linked:  # the plain walk is a tree: nothing to record
+                yield _Dir(child, entry.path, rel, None, False) if is_dir else (child, rel, None)
+                continue
+            real = f"{d.real.rstrip('/')}/{name}"  # below a resolved link: no syscall needed
+            seen = self.linked_dirs if is_dir else self.linked_files
+            if real in seen:
+                self.stats["alias_links"] += 1
+                continue
+            seen.add(real)
+            yield _Dir(child, entry.path, rel, real, True) if is_dir else (child, rel, None)
+
+    def _link(self, child: CorpusPath, local: str, rel: str) -> Iterator[_Dir | _FileEntry]:
+        try:
+            real = os.path.realpath(local, strict=True)
+        except OSError as e:  # ELOOP, a dangling target, a target folder we may not traverse
+            yield child, rel, _error_text(e)
+            return
+        if real != self.root_real and not real.startswith(self.root_prefix):
+            self.stats["skipped_links"] += 1
+            if self.log_links:
+                level = logging.WARNING if self.stats["skipped_links"] <= _LOGGED_LINKS else logging.DEBUG
+                log.log(level, "skipping %s: symlink to %s, outside the corpus root %s", local, real, self.root_real)
+            return
+        inner = real[len(self.root_prefix):] if real != self.root_real else ""
+        if not any(part.startswith(".") for part in inner.split("/")):
+            # the plain walk reaches (or reached) the target by its own path: read it there, once
+            self.stats["alias_links"] += 1
+            return
+        try:
+            is_dir = os.path.isdir(real)
+        except OSError as e:  # pragma: no cover - isdir swallows OSError; kept for exotic filesystems
+            yield child, rel, _error_text(e)
+            return
+        seen = self.linked_dirs if is_dir else self.linked_files
+        if real in seen:
+            self.stats["alias_links"] += 1
+            return
+        seen.add(real)
+        if is_dir:
+            yield _Dir(child, local, rel, real, True)
         else:
-            yield child
+            yield child, rel, None
+
+    def _remote_entries(self, d: _Dir) -> Iterator[_Dir | _FileEntry | FailedDocument]:
+        """An object store (or any non-local ``CorpusPath``): no symlinks, one listing per folder."""
+        try:
+            children = sorted(d.path.iterdir(), key=attrgetter("name"))
+        except Exception as e:
+            yield self._list_failed(d, e)
+            return
+        for child in children:
+            name = child.name
+            if name.startswith("."):
+                continue
+            rel = f"{d.rel}/{name}" if d.rel else name
+            try:
+                is_dir = child.is_dir()  # object stores answer from the cached listing
+            except Exception as e:
+                yield child, rel, _error_text(e)
+                continue
+            yield _Dir(child, None, rel, None, False) if is_dir else (child, rel, None)
 
 
-def _relative_id(path: CorpusPath, root: CorpusPath) -> str:
-    p, r = str(path), str(root)
-    if p.startswith(r.rstrip("/") + "/"):
-        return p[len(r.rstrip("/")) + 1 :]
-    return path.name
+def check_corpus_root(root: CorpusPath, corpus_name: str, uri: str) -> None:
+    """Refuse a corpus that cannot give a single document, before anything is written.
+
+    Raises ``CorpusError`` when ``root`` does not exist, cannot be read (permission denied,
+    symlink loop, its root folder cannot be listed), or holds supported files none of which can
+    be opened; ``EmptyCorpusError`` (a ``CorpusError``) when it holds no .txt/.md/.jsonl/.parquet
+    document at all — the message names the corpus, the URI, and what was skipped. Cheap: the
+    walk stops at the first supported file that opens (one ``open``, nothing read); only a corpus
+    without one is walked to the end. Contents are not validated: a corrupt or non-UTF-8 document
+    still becomes a failed document of the run.
+    """
+    where = f"corpus {corpus_name!r} at {uri}"
+    if not _root_is_dir(root, where):
+        if _suffix(root.name) not in SUPPORTED_SUFFIXES:
+            raise EmptyCorpusError(f"{where} is empty: it is a single file of an unsupported type, not a "
+                                   ".txt, .md, .jsonl or .parquet document")
+        try:
+            with root.open("rb"):
+                pass
+        except Exception as e:
+            raise CorpusError(f"{where} is not readable: {_error_text(e)}") from None
+        return
+    stats = _new_stats()
+    unreadable: list[str] = []
+    for item in _Walker(root, stats, where, log_links=False):
+        if isinstance(item, FailedDocument):
+            unreadable.append(item.reason)
+            continue
+        path, rel, problem = item
+        if _suffix(path.name) not in SUPPORTED_SUFFIXES:
+            stats["skipped_files"] += 1
+            continue
+        if problem is None:
+            try:
+                with path.open("rb"):
+                    return
+            except Exception as e:
+                problem = _error_text(e)
+        unreadable.append(f"{rel}: {problem}")
+    skipped = f"{stats['skipped_files']} file(s) of other types skipped"
+    if stats["skipped_links"]:
+        skipped += f", {stats['skipped_links']} symlink(s) to outside the corpus root skipped"
+    if unreadable:
+        raise CorpusError(f"{where} is not readable: no document could be opened ({len(unreadable)} unreadable "
+                          f"path(s), first: {unreadable[0]}; {skipped})")
+    raise EmptyCorpusError(f"{where} is empty: no .txt, .md, .jsonl or .parquet document found ({skipped})")
+
+
+def _new_stats() -> dict[str, int]:
+    return {"files": 0, "skipped_files": 0, "skipped_links": 0, "alias_links": 0, "unreadable_dirs": 0}
 
 
 class CorpusReader:
-    """Iterates the documents of a corpus. ``stats`` counts files read and skipped afterwards."""
+    """Iterates the documents of a corpus, streaming, each unreadable path a ``FailedDocument``.
+
+    ``stats`` after (or during) the iteration: ``files`` (supported files met), ``skipped_files``
+    (other types), ``skipped_links`` (symlinks to outside the root), ``alias_links`` (links not
+    followed because their target is read by its own path), ``unreadable_dirs``.
+    """
 
     def __init__(self, root: CorpusPath, *, max_document_bytes: int = 64 * 1024 * 1024) -> None:
         self.root = root
         self.max_document_bytes = max_document_bytes
-        self.stats: dict[str, int] = {"files": 0, "skipped_files": 0}
+        self.stats: dict[str, int] = _new_stats()
 
     def __iter__(self) -> Iterator[Document | FailedDocument]:
         root = self.root
-        if not root.exists():
-            raise CorpusError(f"corpus {root} does not exist")
-        files = _walk(root) if root.is_dir() else iter([root])
-        for path in files:
-            suffix = _suffix(path)
+        where = f"corpus {root}"
+        if _root_is_dir(root, where):
+            files: Iterator[_FileEntry | FailedDocument] = iter(_Walker(root, self.stats, where))
+        else:
+            files = iter([(root, root.name, None)])
+        for item in files:
+            if isinstance(item, FailedDocument):  # an unreadable folder
+                yield item
+                continue
+            path, rel, problem = item
+            suffix = _suffix(path.name)
             if suffix not in SUPPORTED_SUFFIXES:
                 self.stats["skipped_files"] += 1
                 log.info("skipping %s: unsupported type (supported: %s)", path, ", ".join(SUPPORTED_SUFFIXES))
                 continue
             self.stats["files"] += 1
-            rel = _relative_id(path, root) if root.is_dir() else path.name
-            if suffix in TEXT_SUFFIXES:
-                yield self._read_text_file(path, rel)
+            if problem is not None:
+                yield FailedDocument(rel, str(path), UNREADABLE_CODE, f"{rel}: {problem}")
+            elif suffix in TEXT_SUFFIXES:
+                yield self._read_text_file(path, rel, suffix)
             elif suffix == ".jsonl":
                 yield from self._read_jsonl(path, rel)
             else:
                 yield from self._read_parquet(path, rel)
+        if self.stats["skipped_links"] > _LOGGED_LINKS:
+            log.warning("%s: %d symlinks to outside the corpus root skipped", where, self.stats["skipped_links"])
 
-    def _read_text_file(self, path: CorpusPath, doc_id: str) -> Document | FailedDocument:
+    def _read_text_file(self, path: CorpusPath, doc_id: str, suffix: str) -> Document | FailedDocument:
         uri = str(path)
-        with path.open("rb") as f:
-            data = f.read(self.max_document_bytes + 1)
+        try:
+            with path.open("rb") as f:
+                data = f.read(self.max_document_bytes + 1)
+        except MemoryError:
+            raise
+        except Exception as e:
+            return FailedDocument(doc_id, uri, UNREADABLE_CODE, f"{doc_id}: not readable: {_error_text(e)}")
         if len(data) > self.max_document_bytes:
             return FailedDocument(
                 doc_id, uri, ErrorCode.BAD_DOCUMENT,
@@ -117,12 +403,30 @@ class CorpusReader:
             text = decode_utf8(data, doc_id)
         except UnicodeDecodeError as e:
             return FailedDocument(doc_id, uri, ErrorCode.DECODE_ERROR, e.reason)
-        return Document(doc_id, sanitize_text(text), uri, {"format": _suffix(path)[1:]})
+        return Document(doc_id, sanitize_text(text), uri, {"format": suffix[1:]})
 
     def _read_jsonl(self, path: CorpusPath, rel: str) -> Iterator[Document | FailedDocument]:
         uri = str(path)
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+        try:
+            f = path.open("rb")
+        except Exception as e:
+            yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
+            return
+        with f:
+            lines = iter(f)
+            lineno = 0
+            while True:
+                # only the read is guarded: an exception thrown into a yield must not become a failure
+                try:
+                    raw = next(lines)
+                except StopIteration:
+                    return
+                except Exception as e:
+                    yield FailedDocument(rel, uri, UNREADABLE_CODE,
+                                         f"{rel}: read failed after line {lineno}, the rest of the file is not "
+                                         f"indexed: {_error_text(e)}")
+                    return
+                lineno += 1
                 if not raw.strip():
                     continue
                 where = f"{rel} line {lineno}"
@@ -144,9 +448,21 @@ class CorpusReader:
         import pyarrow.parquet as pq
 
         uri = str(path)
-        with path.open("rb") as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
+        try:
+            f = path.open("rb")
+        except Exception as e:
+            yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
+            return
+        with f:
+            try:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                groups = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            except MemoryError:
+                raise
+            except Exception as e:
+                yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not a readable parquet file ({_error_text(e)})")
+                return
             missing = {"id", "text"} - set(names)
             if missing:
                 yield FailedDocument(
@@ -154,11 +470,29 @@ class CorpusReader:
                     f"{rel}: parquet file lacks column(s) {sorted(missing)} (needs 'id' and 'text')",
                 )
                 return
-            row = 0
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for rec in batch.to_pylist():
-                    row += 1
-                    yield self._from_record(rec, f"{rel}:{row}", f"{rel} row {row}", uri)
+            first = 0  # rows before this row group: fallback ids stay stable when a group fails
+            for group, size in enumerate(groups):
+                batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
+                row = first
+                while True:
+                    try:
+                        batch = next(batches, None)
+                        recs = batch.to_pylist() if batch is not None else None
+                    except MemoryError:
+                        raise
+                    except Exception as e:
+                        yield FailedDocument(
+                            f"{rel}:row-group-{group + 1}", uri, UNREADABLE_CODE,
+                            f"{rel}: row group {group + 1} of {len(groups)} is corrupt, rows {row + 1}-{first + size} "
+                            f"not indexed ({_error_text(e)})",
+                        )
+                        break
+                    if recs is None:
+                        break
+                    for rec in recs:
+                        row += 1
+                        yield self._from_record(rec, f"{rel}:{row}", f"{rel} row {row}", uri)
+                first += size
 
     def _from_record(self, obj: Any, fallback_id: str, where: str, uri: str) -> Document | FailedDocument:
         if not isinstance(obj, dict):

@@ -16,7 +16,7 @@ def _read(root, **kw):
 
 def test_reads_every_format_and_records_bad_documents(tmp_path):
     (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "a.txt").write_text("Первая заметка\r\nо Байкале\x07.", encoding="utf-8")
+    (tmp_path / "notes" / "a.txt").write_text("Первая заметка\r\nо Байкале\x07.\x00Конец", encoding="utf-8")
     (tmp_path / "b.md").write_text("# Title\n\nBody", encoding="utf-8")
     (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe broken")
     (tmp_path / ".hidden.txt").write_text("skip me")
@@ -34,7 +34,7 @@ def test_reads_every_format_and_records_bad_documents(tmp_path):
                    tmp_path / "rows.parquet")
     docs, stats = _read(tmp_path)
 
-    assert docs["notes/a.txt"].text == "Первая заметка\nо Байкале."  # sanitized
+    assert docs["notes/a.txt"].text == "Первая заметка\nо Байкале . Конец"  # sanitized: controls → spaces
     assert docs["b.md"].text.startswith("# Title")
     assert isinstance(docs["bad.txt"], FailedDocument)
     assert docs["bad.txt"].error_code == ErrorCode.DECODE_ERROR
@@ -46,7 +46,7 @@ def test_reads_every_format_and_records_bad_documents(tmp_path):
     assert docs["7"].metadata == {"topic": "x"}
     assert docs["p2"].text == "parquet two" and docs["p2"].metadata == {"lang": "ru"}
     assert ".hidden.txt" not in docs
-    assert stats == {"files": 5, "skipped_files": 1}
+    assert stats == {"files": 5, "skipped_files": 1, "skipped_links": 0, "alias_links": 0, "unreadable_dirs": 0}
     assert sum(isinstance(d, Document) for d in docs.values()) == 6
 
 
@@ -75,5 +75,5 @@ def test_oversized_document_is_recorded_not_loaded(tmp_path):
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path):
-    with pytest.raises(CorpusError, match="does not exist"):
+    with pytest.raises(CorpusError, match=r"corpus .*/nope does not exist"):
         list(CorpusReader(tmp_path / "nope"))
