@@ -22,6 +22,7 @@ ENCODE_BATCH_RANGE = (1, 4096)
 MAX_PARTITIONS = 256
 IVFFLAT_LISTS_RANGE = (1, 32768)
 BUSY_WAIT_RANGE = (0, 7 * 24 * 3600)
+DEFAULT_MAX_FAILED_RATIO = 0.01
 
 
 class Backend(StrEnum):
@@ -95,6 +96,8 @@ class ReindexConfig:
     ivfflat_lists: int | None = None  # IVFFlat only: lists (None: rows/1000, sqrt(rows) above 1M rows)
     on_busy: OnBusy = OnBusy.WAIT
     busy_wait_seconds: int = 3600
+    # The run fails when, after the retry policy is spent, more than this share of its chunks is FAILED.
+    max_failed_ratio: float = DEFAULT_MAX_FAILED_RATIO
     # When the corpus already has an active model, use it instead of ``model`` (nightly runs: the
     # configured model only seeds a new corpus; reindex_model_upgrade is how a corpus changes model).
     follow_active_model: bool = False
@@ -143,6 +146,10 @@ class ReindexConfig:
                 f"on_busy {self.on_busy!r} is not supported: choose one of {[o.value for o in OnBusy]}"
             ) from None
         _check_range("busy_wait_seconds", self.busy_wait_seconds, BUSY_WAIT_RANGE)
+        ratio = self.max_failed_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise ConfigError(f"max_failed_ratio={ratio!r} is out of range: must be a number between 0 and 1")
+        object.__setattr__(self, "max_failed_ratio", float(ratio))
         for flag in ("normalize", "force", "follow_active_model"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")

@@ -71,7 +71,7 @@ PARQUET_BATCH_ROWS = 1024
 # The code of a path that could not be read at all (permission, symlink loop, unreadable folder,
 # I/O error, corrupt container). ``ErrorCode`` has no dedicated member yet; the reason text says
 # which of these it was.
-UNREADABLE_CODE: ErrorCode = ErrorCode.BAD_DOCUMENT
+UNREADABLE_CODE: ErrorCode = ErrorCode.UNREADABLE
 _LOGGED_LINKS = 20  # skipped links logged one by one; the rest only counted (a summary line at the end)
 
 

@@ -43,5 +43,8 @@ class ErrorCode(StrEnum):
     TRANSIENT_ENCODER_ERROR = "TRANSIENT_ENCODER_ERROR"  # e.g. device out of memory
     NOT_PROCESSED = "NOT_PROCESSED"  # its partition task never finished
     JOB_FAILED = "JOB_FAILED"  # the batch job ended FAILED / CANCELLED / EXPIRED without a result for it
+    SUBMIT_FAILED = "SUBMIT_FAILED"  # the batch job could not be submitted (configuration, permission)
+    ABANDONED = "ABANDONED"  # its run died holding the corpus; another run took the corpus over
     DECODE_ERROR = "DECODE_ERROR"  # documents only: not UTF-8
+    UNREADABLE = "UNREADABLE"  # documents only: a path that could not be read (permission, loop, corrupt, I/O)
     BAD_DOCUMENT = "BAD_DOCUMENT"  # documents only: missing id/text, too large, invalid JSON

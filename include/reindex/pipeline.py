@@ -125,14 +125,16 @@ def prepare(store: Store, cfg: ReindexConfig) -> dict:
             "config": cfg.to_dict()}
 
 
-def take_corpus(store: Store, cfg: ReindexConfig, batch_id: str, run_id: str | None = None) -> None:
+def take_corpus(store: Store, cfg: ReindexConfig, batch_id: str, run_id: str | None = None,
+                dag_id: str | None = None) -> None:
     """Take the corpus's lease for ``batch_id``: wait (``on_busy=wait``) or fail at once (``fail``)."""
     wait = cfg.busy_wait_seconds if cfg.on_busy == OnBusy.WAIT else 0
-    leases.acquire(store, cfg.corpus, batch_id, run_id, wait_seconds=wait)
+    leases.acquire(store, cfg.corpus, batch_id, run_id, wait_seconds=wait, dag_id=dag_id)
 
 
 def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id: str, model_checksum: str,
-                 dag_run_id: str | None = None, block_docs: int = 500, block_bytes: int = 32 << 20) -> dict:
+                 dag_run_id: str | None = None, dag_id: str | None = None, block_docs: int = 500,
+                 block_bytes: int = 32 << 20) -> dict:
     """Read, sanitize and chunk the corpus; merge documents and chunks; claim stale chunks for the batch.
 
     Takes the corpus's lease first (see ``take_corpus``). Documents are looked up in blocks: one
@@ -141,9 +143,10 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
     was. Raises ``EmptyCorpusError`` when the corpus has no document at all.
     """
     started = time.monotonic()
-    take_corpus(store, cfg, batch_id, dag_run_id)
+    take_corpus(store, cfg, batch_id, dag_run_id, dag_id)
     try:
-        manifest = _chunk_and_claim(store, cfg, root, batch_id, model_checksum, dag_run_id, block_docs, block_bytes)
+        manifest = _chunk_and_claim(store, cfg, root, batch_id, model_checksum, dag_run_id, dag_id, block_docs,
+                                    block_bytes)
     except BaseException:
         leases.release(store, cfg.corpus, batch_id)
         raise
@@ -156,7 +159,7 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
 
 
 def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, model_checksum: str,
-                     dag_run_id: str | None, block_docs: int, block_bytes: int) -> dict:
+                     dag_run_id: str | None, dag_id: str | None, block_docs: int, block_bytes: int) -> dict:
     backend = backend_for(cfg)
     chunker = TokenChunker(load_tokenizer(backend.tokenizer_path()), cfg.max_tokens, cfg.overlap_tokens)
     signature = chunking_signature(backend.tokenizer_path(), cfg.max_tokens, cfg.overlap_tokens)
@@ -167,7 +170,8 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
     block: list[Document] = []
     with store.conn.transaction():
         emb = get_embedding_store(store, cfg.corpus, model_checksum)
-        batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, model_checksum, dag_run_id=dag_run_id)
+        batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, model_checksum, dag_run_id=dag_run_id,
+                                   dag_id=dag_id)
         writer = CorpusWriter(store, cfg.corpus, batch_id)
         writer.start()
 
@@ -311,7 +315,7 @@ def finish_batch(store: Store, cfg: ReindexConfig, batch_id: str, model_checksum
 # --- model upgrade ------------------------------------------------------------------------------
 
 def prepare_upgrade(store: Store, cfg: ReindexConfig, *, batch_id: str, dim: int | None = None,
-                    dag_run_id: str | None = None) -> dict:
+                    dag_run_id: str | None = None, dag_id: str | None = None) -> dict:
     """Open an upgrade batch: register the target model and its new (BUILDING) store, take the
     corpus's lease, and claim every chunk without a current vector in the target store.
 
@@ -334,12 +338,12 @@ def prepare_upgrade(store: Store, cfg: ReindexConfig, *, batch_id: str, dim: int
     if limit is not None and row[1] > limit:
         raise ConfigError(f"corpus {cfg.corpus!r} has chunks of up to {row[1]} tokens; target model {cfg.model!r} "
                           f"takes at most {limit}: re-chunk first (reindex_corpus with a smaller max_tokens, force)")
-    take_corpus(store, cfg, batch_id, dag_run_id)
+    take_corpus(store, cfg, batch_id, dag_run_id, dag_id)
     try:
         with store.conn.transaction():
             emb = ensure_embedding_store(store, cfg.corpus, spec, activate=False, config=model_config(cfg))
             batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, spec.checksum, kind="upgrade",
-                                       dag_run_id=dag_run_id)
+                                       dag_run_id=dag_run_id, dag_id=dag_id)
             claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, keep_content_failures=False,
                                                      convert_from=_halfvec_source(store, cfg.corpus, active, spec))
             batches_store.update_details(store, batch_id, {

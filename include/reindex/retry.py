@@ -1,4 +1,11 @@
-"""The retry policy (PRODUCT.md): every chunk error code maps to one decision, here and only here."""
+"""The retry policy: every chunk error code maps to one decision, here and only here.
+
+The table (also in README "Retry policy"): rate limit / transient encoder error / a chunk left
+unanswered (its task died, its batch job ended FAILED/CANCELLED/EXPIRED, its run was abandoned) →
+exponential backoff 5 → 10 → 20 s, at most 3 attempts; 503 → 30 s, same budget; too long → re-split
+once; invalid characters → sanitize once; daily quota → wait for the window; anything else → FAILED
+with its reason.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ class RetryDecision:
         return self.action != RetryAction.FAIL
 
 
-TRANSIENT_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TRANSIENT_ENCODER_ERROR, ErrorCode.NOT_PROCESSED}
+TRANSIENT_CODES = {ErrorCode.RATE_LIMITED, ErrorCode.TRANSIENT_ENCODER_ERROR, ErrorCode.NOT_PROCESSED,
+                   ErrorCode.JOB_FAILED, ErrorCode.ABANDONED}
 
 
 def decide(code: str | None, retry_count: int, policy: RetryPolicy = RetryPolicy()) -> RetryDecision:

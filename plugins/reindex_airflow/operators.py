@@ -69,9 +69,6 @@ class SubmitVertexBatchOperator(BaseOperator):
 
         from reindex.config import ReindexConfig
         from reindex.errors import ConfigError
-        from reindex.vertex import jobs
-        from reindex.vertex.batch import batch_prefix, write_requests
-        from reindex.vertex.formats import family_for
         from reindex_airflow.hooks import PgVectorHook
         from reindex_airflow.triggers import VertexBatchJobsTrigger
 
@@ -90,36 +87,76 @@ class SubmitVertexBatchOperator(BaseOperator):
                 if not m.get("pending"):
                     self.log.info("batch %s has nothing to embed: no job submitted", batch_id)
                     return {"batch_id": batch_id, "jobs": [], "output_dirs": [], "job_failed": False}
-                prefix = batch_prefix(s.prefix, cfg.corpus, batch_id)
-                job_inputs = write_requests(store, self.hook.storage_client(), s.bucket, prefix,
-                                            batch_id, family_for(cfg.model),
-                                            output_dimensionality=cfg.output_dimensionality)
-                client = self.hook.job_client()
-                for job in job_inputs:
-                    display = f"reindex-{batch_id}-job{job['index']:04d}"
-                    name = jobs.find_job(client, project=s.project, location=s.location, display_name=display)
-                    if name is None:
-                        try:
-                            name = jobs.create_job(
-                                client, project=s.project, location=s.location, display_name=display,
-                                model=cfg.model, input_uris=job["input_uris"],
-                                output_prefix=f"gs://{s.bucket}/{prefix}/output/job-{job['index']:04d}",
-                                output_dimensionality=cfg.output_dimensionality,
-                                labels={"corpus": cfg.corpus, "batch": batch_id.replace("_", "-")[:63]})
-                        except Exception as e:  # noqa: BLE001 - classified below
-                            if self._is_daily_quota(e):
-                                self.log.warning("daily quota exhausted (%s); waiting %.0f s for the window",
-                                                 e, s.quota_reset_seconds)
-                                from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
-
-                                self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=s.quota_reset_seconds)),
-                                           method_name="execute")
-                            raise
-                        self.log.info("submitted %s (%d lines) as %s", display, job["lines"], name)
-                    names.append(name)
-                    self._record(context, store, batch_id, names)
+                try:
+                    self._submit(context, store, cfg, s, batch_id, names)
+                except Exception as e:  # noqa: BLE001 - a submit error is recorded on the batch, see below
+                    if not self._give_up(context, e):
+                        raise  # transient (5xx, connection): the task's own retry submits again
+                    return self._submit_failed(store, batch_id, e)
         self.defer(trigger=VertexBatchJobsTrigger(names, s.endpoint, s.gcp_conn_id, s.poll_interval),
                    method_name="execute_complete")
+
+    def _submit(self, context, store, cfg, s, batch_id: str, names: list[str]) -> None:
+        """Write the request JSONL and create the jobs not created yet (found by display name), recording each."""
+        from reindex.vertex import jobs
+        from reindex.vertex.batch import batch_prefix, write_requests
+        from reindex.vertex.formats import family_for
+
+        prefix = batch_prefix(s.prefix, cfg.corpus, batch_id)
+        job_inputs = write_requests(store, self.hook.storage_client(), s.bucket, prefix,
+                                    batch_id, family_for(cfg.model),
+                                    output_dimensionality=cfg.output_dimensionality)
+        client = self.hook.job_client()
+        for job in job_inputs:
+            display = f"reindex-{batch_id}-job{job['index']:04d}"
+            name = jobs.find_job(client, project=s.project, location=s.location, display_name=display)
+            if name is None:
+                try:
+                    name = jobs.create_job(
+                        client, project=s.project, location=s.location, display_name=display,
+                        model=cfg.model, input_uris=job["input_uris"],
+                        output_prefix=f"gs://{s.bucket}/{prefix}/output/job-{job['index']:04d}",
+                        output_dimensionality=cfg.output_dimensionality,
+                        labels={"corpus": cfg.corpus, "batch": batch_id.replace("_", "-")[:63]})
+                except Exception as e:  # noqa: BLE001 - classified below
+                    if self._is_daily_quota(e):
+                        self.log.warning("daily quota exhausted (%s); waiting %.0f s for the window",
+                                         e, s.quota_reset_seconds)
+                        from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+                        self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=s.quota_reset_seconds)),
+                                   method_name="execute")
+                    raise
+                self.log.info("submitted %s (%d lines) as %s", display, job["lines"], name)
+            names.append(name)
+            self._record(context, store, batch_id, names)
+
+    def _give_up(self, context, e: Exception) -> bool:
+        """A submit error is final when retrying cannot help (4xx other than 429: configuration, permission,
+        an unknown model) or when this is the task's last try."""
+        from reindex.errors import ErrorCode
+        from reindex.vertex.results import classify_error
+
+        code = getattr(e, "code", None)
+        kind = classify_error(int(code) if isinstance(code, int) else None, None, str(e))
+        if kind not in (ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE):
+            return True
+        ti = context.get("ti")
+        return ti is None or ti.try_number > (self.retries or 0)
+
+    def _submit_failed(self, store, batch_id: str, e: Exception) -> dict:
+        """Record why the batch could not be submitted: every pending chunk FAILED ``SUBMIT_FAILED`` with the
+        error, the batch's details keep it; the run then closes the batch FAILED and fails with that reason."""
+        from reindex.errors import ErrorCode
+        from reindex.store.batches import mark_missing, update_details
+
+        message = f"batch job submit failed: {type(e).__name__}: {e}"[:2000]
+        self.log.error("%s", message)
+        with store.conn.transaction():
+            n = mark_missing(store, batch_id, code=ErrorCode.SUBMIT_FAILED, message=message)
+            update_details(store, batch_id, {"submit_error": message})
+        self.log.error("batch %s: %d chunk(s) FAILED SUBMIT_FAILED", batch_id, n)
+        return {"batch_id": batch_id, "jobs": [], "output_dirs": [], "job_failed": True, "submit_error": message}
 
     @staticmethod
     def _is_daily_quota(e: Exception) -> bool:
@@ -139,8 +176,15 @@ class SubmitVertexBatchOperator(BaseOperator):
         infos = event["jobs"]
         job_failed = bool(infos) and all(i["state"] in FAILED_STATES for i in infos)
         batch_id = self.manifest["batch_id"]
+        waited = max((i.get("wait_seconds") or 0.0 for i in infos), default=0.0)
         with PgVectorHook().store() as store:
+            from reindex.store.batches import add_stage_seconds
+
             update_details(store, batch_id, {"jobs": infos, "job_failed": job_failed})
+            add_stage_seconds(store, batch_id, "vertex_wait", waited)
+        from reindex_airflow.tasks import _metrics
+
+        _metrics().vertex_jobs_waited(waited, infos)
         for i in infos:
             self.log.info("job %s ended %s: %s%s", i["name"], i["state"], i["completion_stats"],
                           f" error {i['error']}" if i["error"] else "")

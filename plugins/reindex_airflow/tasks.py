@@ -55,16 +55,43 @@ def corpus_root(uri: str):
     return path
 
 
-def ensure_schema(params: dict | None = None) -> dict:
-    """Validate the run's parameters, migrate the store schema, register the model and its vector table.
+def _check_backend_settings(cfg) -> None:
+    """The backend's own configuration (Vertex: project, bucket, endpoint) is part of the run's input."""
+    from reindex.config import Backend
 
-    Returns ``{"model": {...}, "model_checksum": str, "vector_table": str}``.
+    if cfg.backend == Backend.VERTEX:
+        from reindex.vertex.settings import VertexSettings
+
+        VertexSettings.from_env()
+
+
+def ensure_schema(params: dict | None = None) -> dict:
+    """Validate the run's parameters, the backend's settings and the corpus (exists, readable, not empty),
+    then migrate the store schema, register the model and its vector table.
+
+    Every input error is found here, before anything is written, and fails the run with its own message
+    (no task retry; the downstream tasks skip). Returns ``{"model": {...}, "model_checksum", "vector_table",
+    "config"}``.
     """
     from reindex import pipeline
+    from reindex.corpus import check_corpus_root
 
     cfg = config_from(params or {})
+    with _terminal_errors():
+        _check_backend_settings(cfg)
+        check_corpus_root(corpus_root(cfg.corpus_uri), cfg.corpus, cfg.corpus_uri)
     with PgVectorHook().store() as store, _terminal_errors():
         return pipeline.prepare(store, cfg)
+
+
+def _upstream_done(manifest: dict | None, task: str) -> dict:
+    """The manifest of a task that must follow a successful upstream; skip quietly when the run already
+    failed earlier (its first failure carries the reason — no second traceback)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if not manifest:
+        raise AirflowSkipException(f"{task}: skipped, an earlier task failed (its log has the reason)")
+    return manifest
 
 
 def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
@@ -79,18 +106,40 @@ def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
     from reindex.config import OnBusy
     from reindex.store import leases
 
-    holder = leases.try_acquire(store, cfg.corpus, batch_id, dag_run.run_id if dag_run else None)
+    holder = leases.try_acquire(store, cfg.corpus, batch_id, getattr(dag_run, "run_id", None),
+                                dag_id=getattr(dag_run, "dag_id", None), holder_alive=_holder_alive)
+    waited = (datetime.now(UTC) - dag_run.start_date).total_seconds() if dag_run and dag_run.start_date else 0.0
     if holder is None:
         return
-    waited = (datetime.now(UTC) - dag_run.start_date).total_seconds() if dag_run and dag_run.start_date else 0.0
     if cfg.on_busy == OnBusy.FAIL:
         raise AirflowFailException(leases.busy_message(cfg.corpus, holder))
     if waited >= cfg.busy_wait_seconds:
         raise AirflowFailException(leases.busy_message(cfg.corpus, holder, waited))
     poll = float(os.environ.get("REINDEX_LEASE_POLL_SECONDS", "30"))
-    log.info("corpus %s is busy (batch %s of run %s); checking again in %.0f s", cfg.corpus, holder.batch_id,
-             holder.run_id, poll)
+    log.info("%s Checking again in %.0f s (waited %.0f of busy_wait_seconds=%d).",
+             leases.busy_message(cfg.corpus, holder), poll, waited, cfg.busy_wait_seconds)
     raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=poll))
+
+
+_LIVE_RUN_STATES = {"queued", "running"}
+
+
+def _holder_alive(holder) -> bool | None:
+    """Whether the lease holder's DAG run is still queued or running, asked of Airflow (the Execution API
+    from a task). None when it cannot be known (no DAG id recorded, or no Airflow to ask)."""
+    if not holder.dag_id or not holder.run_id:
+        return None
+    try:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        state = RuntimeTaskInstance.get_dagrun_state(holder.dag_id, holder.run_id)
+    except Exception as e:  # noqa: BLE001 - e.g. the run was deleted (404), or no supervisor (plain Python)
+        if "404" in str(e) or "not found" in str(e).lower():
+            return False
+        log.info("could not ask Airflow for the state of run %s/%s (%s); using the lease heartbeat",
+                 holder.dag_id, holder.run_id, e)
+        return None
+    return str(state) in _LIVE_RUN_STATES
 
 
 def chunk_corpus(prepared: dict, dag_run=None) -> dict:
@@ -98,14 +147,20 @@ def chunk_corpus(prepared: dict, dag_run=None) -> dict:
     skipped) and claim the chunks that need vectors. Returns the batch manifest (ids and counts only).
     """
     from reindex import pipeline
+    from reindex.store.batches import add_stage_seconds
 
     cfg = config_from(prepared["config"])
     batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
     with PgVectorHook().store() as store, _terminal_errors():
         _take_corpus(store, cfg, batch_id, dag_run)
         manifest = pipeline.chunk_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
-                                         model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id)
+                                         model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id,
+                                         dag_id=dag_run.dag_id)
         _remember_config(store, batch_id, cfg)
+        add_stage_seconds(store, batch_id, "chunk", manifest["seconds"])
+    _metrics().log_event("chunked", **{k: manifest.get(k) for k in (
+        "batch_id", "corpus", "documents", "unchanged_documents", "failed_documents", "deleted_documents",
+        "chunks", "pending", "reused", "seconds")})
     return {**manifest, "config": cfg.to_dict()}
 
 
@@ -125,26 +180,52 @@ def plan_partitions(manifest: dict) -> list[dict]:
         return pipeline.plan(store, cfg, manifest["batch_id"])
 
 
+def _label_map_index(label: str) -> None:
+    """What this mapped task instance handles, shown instead of its bare index (``map_index_template``)."""
+    try:
+        from airflow.sdk import get_current_context
+
+        get_current_context()["reindex_label"] = label
+    except Exception:  # noqa: BLE001 - outside a task (unit tests) there is no context to label
+        pass
+
+
+# Mapped tasks render this after they run: the grid shows "ids 1–2000 (2000 chunks)" or the result files.
+MAP_INDEX_TEMPLATE = "{{ reindex_label | default('') }}"
+
+
 def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
     from reindex import pipeline
+    from reindex.store.batches import add_stage_seconds
     from reindex.store.leases import heartbeat
 
+    _label_map_index(f"chunk ids {partition['lo']}–{partition['hi']} ({partition['count']} chunks)")
     cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store:
         heartbeat(store, cfg.corpus, manifest["batch_id"])
-        return pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
+        out = pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
+        add_stage_seconds(store, manifest["batch_id"], "encode", out["seconds"])
+    _metrics().partition_done("encode", out)
+    return out
 
 
-def build_index(manifest: dict, params: dict | None = None) -> str | None:
+def build_index(manifest: dict | None = None, params: dict | None = None) -> str | None:
     """Build the cosine index on the vector table after the load (if missing), then ANALYZE."""
+    import time
+
+    from reindex.store.batches import add_stage_seconds
     from reindex.store.vectors import build_index as _build
     from reindex.store.vectors import get_embedding_store
 
+    manifest = _upstream_done(manifest, "build_index")
     cfg = config_from(manifest.get("config") or params or {})
+    started = time.monotonic()
     with PgVectorHook().store() as store:
-        return _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type,
-                      ivfflat_lists=cfg.ivfflat_lists)
+        index = _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type,
+                       ivfflat_lists=cfg.ivfflat_lists)
+        add_stage_seconds(store, manifest["batch_id"], "index", time.monotonic() - started)
+    return index
 
 
 def choose_backend(manifest: dict) -> str:
@@ -172,17 +253,31 @@ def plan_result_ranges(submitted: dict, manifest: dict) -> list[list[dict]]:
     return _plan(hook.storage_client(), submitted["output_dirs"])
 
 
+def _ranges_label(ranges: list[dict]) -> str:
+    names = sorted({r["uri"].rsplit("/", 1)[-1] for r in ranges if r.get("uri")})
+    mib = sum(max(0, (r.get("end") or 0) - (r.get("start") or 0)) for r in ranges) / (1 << 20)
+    shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+    return f"{shown} ({mib:.1f} MiB)" if mib else shown
+
+
 def ingest_results(ranges: list[dict], manifest: dict) -> dict:
     """Stream one partition of result lines from GCS: COPY-load vectors, record failures per chunk."""
+    from reindex.store.batches import add_stage_seconds
+    from reindex.store.leases import heartbeat
     from reindex.store.vectors import get_embedding_store
     from reindex.vertex.batch import ingest_ranges
 
+    _label_map_index(_ranges_label(ranges))
     cfg, backend, hook = _vertex_context(manifest)
     spec = backend.model_spec()
     with PgVectorHook().store() as store:
+        heartbeat(store, cfg.corpus, manifest["batch_id"])
         emb = get_embedding_store(store, cfg.corpus, manifest["model_checksum"])
-        return ingest_ranges(store, emb, spec, manifest["batch_id"], ranges, backend.family,
-                             storage_client=hook.storage_client())
+        out = ingest_ranges(store, emb, spec, manifest["batch_id"], ranges, backend.family,
+                            storage_client=hook.storage_client())
+        add_stage_seconds(store, manifest["batch_id"], "ingest", out.get("seconds") or 0.0)
+    _metrics().partition_done("ingest", out)
+    return out
 
 
 def close_results(manifest: dict, submitted: dict) -> int:
@@ -198,41 +293,88 @@ def close_results(manifest: dict, submitted: dict) -> int:
         return _close(store, manifest["batch_id"], submitted["jobs"])
 
 
-def summarize(manifest: dict) -> dict:
-    """Close the batch: COMPLETED / COMPLETED_WITH_ERRORS / FAILED with counts by reason."""
+def _metrics():
+    try:
+        from reindex_airflow import metrics
+    except ImportError:  # TODO(lead): metrics module lands with the metrics work; remove this guard then
+        from types import SimpleNamespace
+
+        def _noop(*args, **kwargs):
+            return None
+
+        return SimpleNamespace(partition_done=_noop, batch_closed=_noop, log_event=_noop, lease_waited=_noop,
+                               vertex_jobs_waited=_noop)
+    return metrics
+
+
+def summarize(manifest: dict | None = None) -> dict:
+    """Close the batch: COMPLETED / COMPLETED_WITH_ERRORS / FAILED with counts by reason, failed documents,
+    tokens and estimated cost, and what is left FAILED of the whole retry chain."""
+    from reindex.status import outcome_line
     from reindex.store.batches import summarize_batch
 
+    manifest = _upstream_done(manifest, "summarize")
     with PgVectorHook().store() as store, store.conn.transaction():
         # An upgrade keeps the corpus's lease until its switch (or its failure) is done.
         summary = summarize_batch(store, manifest["batch_id"], release_lease=manifest.get("kind") != "upgrade")
+        cfg = config_from(manifest["config"])
+        summary.cost = _record_cost(store, summary, cfg)
     out = summary.to_dict()
-    out.update({k: manifest[k] for k in ("documents", "unchanged_documents", "failed_documents", "deleted_documents",
-                                         "chunks") if k in manifest})
-    log.info("batch %s [%s] %s: %s", summary.batch_id, summary.kind, summary.status.value, summary.message)
+    out.update({k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks")
+                if k in manifest})
+    out["max_failed_ratio"] = cfg.max_failed_ratio
+    out["outcome"] = outcome_line(out)
+    log.info("%s — %s", out["outcome"], summary.message)
+    _metrics().batch_closed(out)
     return out
 
 
+def _record_cost(store, summary, cfg) -> dict:
+    """The batch's estimated price (and the same work online), kept on the batch row."""
+    from psycopg import sql
+    from psycopg.types.json import Jsonb
+
+    try:
+        from reindex.cost import estimate
+    except ImportError:  # the price table ships with the cost module
+        return {}
+    cost = estimate(cfg.backend.value, cfg.model, tokens=summary.tokens, characters=summary.characters,
+                    batch=cfg.backend.value == "vertex")
+    store.execute(sql.SQL("UPDATE {} SET cost_usd = %s, details = details || %s WHERE batch_id = %s").format(
+        store.t("batches")), (cost.get("batch_usd"), Jsonb({"cost": cost}), summary.batch_id))
+    return cost
+
+
 def choose_branch(summary: dict) -> str:
-    """COMPLETED → done; COMPLETED_WITH_ERRORS with retriable chunks → trigger_retry; else fail_batch."""
-    status = summary["status"]
-    if status == "COMPLETED":
+    """Retriable chunks left → trigger_retry (whatever the status: the policy decides, not "zero READY").
+    Nothing left to retry: COMPLETED → done; otherwise the chain's final share of FAILED chunks decides —
+    at most ``max_failed_ratio`` → done (the failures stay recorded), above it → fail_batch."""
+    if summary.get("retriable", 0) > 0:
+        return "trigger_retry"
+    if summary["status"] == "COMPLETED":
         return "done"
-    if status == "COMPLETED_WITH_ERRORS":
-        return "trigger_retry" if summary.get("retriable", 0) > 0 else "done"
+    if summary["status"] == "FAILED":  # nothing READY (or no readable document), nothing left to retry
+        return "fail_batch"
+    if summary.get("lineage_failed_ratio", 1.0) <= summary.get("max_failed_ratio", 0.0):
+        return "done"  # COMPLETED_WITH_ERRORS within the allowed share: the failures stay recorded and shown
     return "fail_batch"
 
 
 def _first_errors(summary: dict, n: int = 5) -> str:
-    return "; ".join(f"{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
+    return "; ".join(f"{e.get('doc_id', '?')}/{e['chunk_id']}: [{e['error_code']}] {e['error_message']}"
                      for e in summary.get("sample_errors", [])[:n])
 
 
 def fail_batch(summary: dict) -> None:
-    """Fail the run loudly, with the batch's counts and the first error reasons."""
+    """Fail the run loudly, with the batch's counts, the chain's FAILED share and the first error reasons."""
     reasons = _first_errors(summary)
+    share = summary.get("lineage_failed_ratio", 1.0)
     raise AirflowFailException(
-        f"batch {summary['batch_id']} FAILED: {summary['ready']}/{summary['total']} chunks READY, "
-        f"{summary['failed']} FAILED by reason {summary.get('counts_by_reason')}. First errors: {reasons or 'none'}"
+        f"batch {summary['batch_id']} {summary['status']}: {summary['ready']}/{summary['total']} chunks READY, "
+        f"{summary['failed']} FAILED by reason {summary.get('counts_by_reason')}; nothing left to retry. "
+        f"{summary.get('lineage_failed', summary['failed'])} of {summary.get('lineage_total', summary['total'])} "
+        f"chunk(s) of the run's work are FAILED ({share:.2%}), above max_failed_ratio="
+        f"{summary.get('max_failed_ratio', 0.0):.2%}. First errors: {reasons or 'none'}"
     )
 
 
@@ -258,7 +400,7 @@ def claim_retry(params: dict | None = None, dag_run=None) -> dict:
             _take_corpus(store, cfg, batch_id, dag_run)
         with store.conn.transaction():
             create_batch(store, batch_id, parent["corpus"], parent["backend"], parent["model_checksum"],
-                         kind="retry", parent_batch_id=parent_id, dag_run_id=dag_run.run_id)
+                         kind="retry", parent_batch_id=parent_id, dag_run_id=dag_run.run_id, dag_id=dag_run.dag_id)
             claim = claim_retriable(store, parent_id, batch_id)
             _remember_config(store, batch_id, cfg)
     retry_at = datetime.now(UTC) + timedelta(seconds=claim["delay_seconds"])
@@ -278,6 +420,7 @@ def upgrade_config(params: dict):
     dim = p.pop("dimension", None)
     p.pop("retention_hours", None)
     p.pop("max_failed", None)
+    p.pop("max_failed_ratio", None)
     if p.get("backend") == "vertex" and dim is not None:
         p["output_dimensionality"] = dim
     p.setdefault("corpus_uri", "store")  # an upgrade re-embeds the stored chunks; it reads no corpus
@@ -287,16 +430,25 @@ def upgrade_config(params: dict):
 def prepare_upgrade(params: dict | None = None, dag_run=None) -> dict:
     """Register the target model and its new store, take the corpus's lease, claim the stale chunks."""
     from reindex import pipeline
+    from reindex.backends import backend_for
+    from reindex.store.leases import release
     from reindex.store.schema import ensure_schema as _migrate
 
     params = dict(params or {})
     cfg = upgrade_config(params)
     batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
+    with _terminal_errors():
+        _check_backend_settings(cfg)
+        backend_for(cfg).model_spec()  # the target model resolves offline before the corpus is taken
     with PgVectorHook().store() as store, _terminal_errors():
         _migrate(store)
         _take_corpus(store, cfg, batch_id, dag_run)
-        manifest = pipeline.prepare_upgrade(store, cfg, batch_id=batch_id, dim=params.get("dimension"),
-                                            dag_run_id=dag_run.run_id)
+        try:
+            manifest = pipeline.prepare_upgrade(store, cfg, batch_id=batch_id, dim=params.get("dimension"),
+                                                dag_run_id=dag_run.run_id, dag_id=dag_run.dag_id)
+        except BaseException:  # a run that fails before its batch exists never leaves the lease behind
+            release(store, cfg.corpus, batch_id)
+            raise
     return {**manifest, "config": cfg.to_dict()}
 
 

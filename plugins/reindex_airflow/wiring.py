@@ -10,14 +10,26 @@ from reindex_airflow import tasks as t
 from reindex_airflow.operators import SubmitVertexBatchOperator
 
 
+class TriggerRetryOperator(TriggerDagRunOperator):
+    """``TriggerDagRunOperator`` whose run note is templated too: the retry run says why it exists."""
+
+    template_fields = (*TriggerDagRunOperator.template_fields, "note")
+
+
+_BATCH_ID = "{{ ti.xcom_pull(task_ids='summarize')['batch_id'] }}"
+_OUTCOME = "{{ ti.xcom_pull(task_ids='summarize')['outcome'] }}"
+_NOW = "{{ macros.datetime.now().strftime('%Y%m%dT%H%M%S') }}"
+
+
 def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     """Route by backend, embed, then build_index → summarize → branch on the batch status.
 
     local: plan_partitions → encode_partition (mapped). vertex: submit_vertex_batch (deferred) →
     plan_result_ranges → ingest_results (mapped) → close_results.
 
-    COMPLETED → ``done``; COMPLETED_WITH_ERRORS with retriable chunks → ``trigger_retry`` (a
-    ``reindex_retry`` run for that batch); FAILED → ``fail_batch`` fails the run with the reasons.
+    Retriable chunks left (any status) → ``trigger_retry`` (a ``reindex_retry`` run for that batch);
+    nothing left to retry: COMPLETED, or a FAILED share within ``max_failed_ratio`` → ``done``; above it
+    → ``fail_batch`` fails the run with the reasons.
     With ``branch_on_status=False`` the caller branches itself (the model upgrade). Returns the
     summary XComArg.
     """
@@ -25,12 +37,12 @@ def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     if after is not None:
         after >> route
     partitions = task(t.plan_partitions)(manifest)
-    loaded = task(t.encode_partition, max_active_tis_per_dagrun=2).partial(manifest=manifest).expand(
-        partition=partitions)
+    loaded = task(t.encode_partition, max_active_tis_per_dagrun=2, map_index_template=t.MAP_INDEX_TEMPLATE).partial(
+        manifest=manifest).expand(partition=partitions)
     submitted = SubmitVertexBatchOperator(task_id="submit_vertex_batch", manifest=manifest)
     ranges = task(t.plan_result_ranges)(submitted.output, manifest)
-    ingested = task(t.ingest_results, max_active_tis_per_dagrun=4).partial(manifest=manifest).expand(
-        ranges=ranges)
+    ingested = task(t.ingest_results, max_active_tis_per_dagrun=4, map_index_template=t.MAP_INDEX_TEMPLATE).partial(
+        manifest=manifest).expand(ranges=ranges)
     closed = task(t.close_results, trigger_rule="none_failed_min_one_success")(manifest, submitted.output)
     route >> [partitions, submitted]
     ingested >> closed
@@ -41,12 +53,18 @@ def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
         return summary
     branch = task.branch(t.choose_branch, task_id="branch")(summary)
     done = EmptyOperator(task_id="done")
-    retry = TriggerDagRunOperator(
+    retry = TriggerRetryOperator(
         task_id="trigger_retry",
         trigger_dag_id="reindex_retry",
-        conf={"batch_id": "{{ ti.xcom_pull(task_ids='summarize')['batch_id'] }}"},
+        # names the corpus's batch; the time keeps a cleared-and-rerun parent from colliding with its first retry
+        trigger_run_id=f"retry__{_BATCH_ID}__{_NOW}",
+        conf={"batch_id": _BATCH_ID},
+        note=f"retry of {_OUTCOME}",
         wait_for_completion=False,
     )
     failed = task(t.fail_batch, retries=0)(summary)
     branch >> [done, retry, failed]
+    # A run whose first task refused its input must end failed: `done` also waits for the manifest, so it is
+    # upstream_failed then (while build_index/summarize skip quietly) — one red task, the one with the reason.
+    manifest >> done
     return summary

@@ -133,8 +133,11 @@ def test_switching_a_corpus_to_halfvec_is_an_upgrade(store, corpus_dir, encoder,
     stored = dict(store.execute(sql.SQL("SELECT chunk_pk, embedding::text FROM {} ORDER BY chunk_pk").format(
         store.t(get_embedding_store(store, "kb", checksum).table_name))).fetchall())
     for pk, text in old.items():  # the cast rounds exactly as storing the float32 vector as halfvec does
-        assert np.array_equal(np.array(json.loads(stored[pk]), np.float16),
-                              np.array(json.loads(text), np.float32).astype(np.float16)), pk
+        new, before = np.array(json.loads(stored[pk]), np.float16), np.array(json.loads(text), np.float32)
+        if pk == huge_pk:  # embedded again (alone, not in a batch of 3): the same vector up to float noise
+            assert float(np.dot(new.astype(np.float32), before)) > 0.9999
+            continue
+        assert np.array_equal(new, before.astype(np.float16)), pk
 
     assert pipeline.finish_upgrade(store, "kb", "u1", checksum, retention_seconds=3600)["previous_model_checksum"] \
         == vector.model_checksum

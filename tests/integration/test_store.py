@@ -180,8 +180,8 @@ def test_retry_claims_only_retriable_failures_and_repairs_them(store, emb):
     rows = {r[0]: r for r in _chunks(store, "kb")}
     texts = dict(store.execute(sql.SQL("SELECT chunk_id, text FROM {} WHERE batch_id = 'r1'").format(
         store.t("chunks"))).fetchall())
-    assert texts == {"d1#0": "alpha beta", "d1#0.1": "gamma delta", "d1#1": "badtext", "d1#4": "busy"}
-    assert rows["d1#1"][3] == content_sha256("badtext")  # sanitized text, new hash
+    assert texts == {"d1#0": "alpha beta", "d1#0.1": "gamma delta", "d1#1": "bad text", "d1#4": "busy"}
+    assert rows["d1#1"][3] == content_sha256("bad text")  # sanitized text, new hash
     assert rows["d1#3"][1:3] == ("FAILED", "INVALID_INPUT")  # terminal: left as it was
     assert claim["pending"] == 4
 

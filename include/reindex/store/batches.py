@@ -33,12 +33,14 @@ class Partition:
 
 
 def create_batch(store: Store, batch_id: str, corpus: str, backend: str, model_checksum: str, *,
-                 kind: str = "full", parent_batch_id: str | None = None, dag_run_id: str | None = None) -> None:
+                 kind: str = "full", parent_batch_id: str | None = None, dag_run_id: str | None = None,
+                 dag_id: str | None = None) -> None:
     """Insert the batch, or reset it to RUNNING when a task rerun reuses the same id."""
-    store.execute(sql.SQL("""INSERT INTO {} (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id)
-        VALUES (%s, %s, %s, %s, %s, %s, %s)
+    store.execute(sql.SQL("""INSERT INTO {} (batch_id, corpus, backend, model_checksum, kind, parent_batch_id,
+            dag_run_id, dag_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT (batch_id) DO UPDATE SET status = 'RUNNING', finished_at = NULL, started_at = now()""").format(
-        store.t("batches")), (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id))
+        store.t("batches")), (batch_id, corpus, backend, model_checksum, kind, parent_batch_id, dag_run_id, dag_id))
 
 
 def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, *, force: bool = False,
@@ -294,12 +296,53 @@ def update_details(store: Store, batch_id: str, details: dict) -> None:
                   (Jsonb(details), batch_id))
 
 
+def lineage(store: Store, batch_id: str) -> list[str]:
+    """The first batch of ``batch_id``'s retry chain, then every retry batch under it (oldest first)."""
+    t = store.t
+    rows = store.execute(sql.SQL("""WITH RECURSIVE up AS (
+            SELECT batch_id, parent_batch_id, 0 AS depth FROM {b} WHERE batch_id = %s
+            UNION ALL SELECT b.batch_id, b.parent_batch_id, up.depth + 1 FROM {b} b
+                JOIN up ON b.batch_id = up.parent_batch_id WHERE up.depth < 1000),
+        root AS (SELECT batch_id FROM up ORDER BY depth DESC LIMIT 1),
+        down AS (SELECT batch_id, started_at FROM {b} WHERE batch_id = (SELECT batch_id FROM root)
+            UNION ALL SELECT b.batch_id, b.started_at FROM {b} b JOIN down ON b.parent_batch_id = down.batch_id)
+        SELECT batch_id FROM down ORDER BY started_at, batch_id""").format(b=t("batches")), (batch_id,)).fetchall()
+    return [r[0] for r in rows]
+
+
+def _lineage_counts(store: Store, ids: list[str]) -> tuple[int, int]:
+    """(chunks, FAILED chunks) that the batches ``ids`` hold now: what is left of the chain's work."""
+    return store.one(sql.SQL("""SELECT count(*), count(*) FILTER (WHERE embedding_status = 'FAILED') FROM {}
+        WHERE batch_id = ANY(%s)""").format(store.t("chunks")), (ids,))
+
+
+def _document_failures(store: Store, batch_id: str) -> tuple[int, dict[str, int], list[dict]]:
+    """Documents this batch's scan could not read or chunk: count, by reason, the first few."""
+    t = store.t
+    by_reason = dict(store.execute(sql.SQL("""SELECT coalesce(error_code, 'UNKNOWN'), count(*) FROM {}
+        WHERE last_batch_id = %s AND status = 'FAILED' GROUP BY 1 ORDER BY 1""").format(t("documents")),
+        (batch_id,)).fetchall())
+    samples = [{"doc_id": r[0], "source_uri": r[1], "error_code": r[2], "error_message": r[3]}
+               for r in store.execute(sql.SQL("""SELECT doc_id, source_uri, error_code, error_message FROM {}
+                   WHERE last_batch_id = %s AND status = 'FAILED' ORDER BY doc_id LIMIT 10""").format(
+                   t("documents")), (batch_id,))]
+    return sum(by_reason.values()), by_reason, samples
+
+
+def batch_usage(store: Store, batch_id: str) -> tuple[int, int]:
+    """(tokens, characters) of the chunks this batch embedded — tokens by the chunker's tokenizer."""
+    tokens, chars = store.one(sql.SQL("""SELECT coalesce(sum(token_count), 0), coalesce(sum(length(text)), 0)
+        FROM {} WHERE batch_id = %s AND embedding_status = 'READY'""").format(store.t("chunks")), (batch_id,))
+    return int(tokens), int(chars)
+
+
 def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                     policy: RetryPolicy | None = None, release_lease: bool = True) -> BatchSummary:
     """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist.
 
     The batch's writes are over, so its corpus lease is released (unless ``release_lease`` is False:
-    an upgrade still has its switch to make).
+    an upgrade still has its switch to make). The summary also counts the documents the scan could not
+    read, and what is left FAILED of the whole retry chain (``lineage_*``).
     """
     from reindex.store.leases import release
 
@@ -327,31 +370,62 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                 retriable += n
     total = ready + failed
     samples = [
-        {"chunk_id": r[0], "error_code": r[1], "error_message": r[2]}
-        for r in store.execute(sql.SQL("""SELECT chunk_id, error_code, error_message FROM {chunks}
-            WHERE batch_id = %s AND embedding_status = 'FAILED' ORDER BY id LIMIT 10""").format(
+        {"chunk_id": r[0], "doc_id": r[1], "error_code": r[2], "error_message": r[3]}
+        for r in store.execute(sql.SQL("""SELECT DISTINCT ON (error_code) chunk_id, doc_id, error_code, error_message
+            FROM {chunks} WHERE batch_id = %s AND embedding_status = 'FAILED' ORDER BY error_code, id""").format(
             chunks=t("chunks")), (batch_id,))
     ]
-    status = compute_batch_status(total, ready, failed, job_failed=job_failed)
+    samples += [
+        {"chunk_id": r[0], "doc_id": r[1], "error_code": r[2], "error_message": r[3]}
+        for r in store.execute(sql.SQL("""SELECT chunk_id, doc_id, error_code, error_message FROM {chunks}
+            WHERE batch_id = %s AND embedding_status = 'FAILED' ORDER BY id LIMIT 10""").format(
+            chunks=t("chunks")), (batch_id,)) if r[0] not in {s["chunk_id"] for s in samples}
+    ][: max(0, 10 - len(samples))]
     (seconds,) = store.one("SELECT extract(epoch FROM now() - %s)::float8", (started,))
     by_content, kept = int(details.get("reused_by_content", 0)), int(details.get("kept_failed", 0))
+    failed_docs, docs_by_reason, doc_samples = _document_failures(store, batch_id)
+    (ok_docs,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s AND status = 'OK'").format(
+        t("documents")), (corpus,))
+    status = compute_batch_status(total, ready, failed, job_failed=job_failed, failed_documents=failed_docs,
+                                  ok_documents=ok_docs)
+    docs_txt = f"; {failed_docs} document(s) failed {docs_by_reason}" if failed_docs else ""
     if total == 0:
         message = (f"nothing to embed: 0 chunks encoded, 0 batch jobs submitted; {reused} chunk vector(s) reused"
                    + (f" ({by_content} by content)" if by_content else "")
-                   + (f", {kept} chunk(s) left FAILED for their text" if kept else ""))
+                   + (f", {kept} chunk(s) left FAILED for their text" if kept else "") + docs_txt)
     else:
         message = (f"{total} chunk(s) embedded: {ready} READY, {failed} FAILED"
                    + (f" {by_reason}" if by_reason else "") + f"; {len(job_names)} batch job(s) submitted; "
-                   f"{reused} chunk vector(s) reused" + (f" ({by_content} by content)" if by_content else ""))
+                   f"{reused} chunk vector(s) reused" + (f" ({by_content} by content)" if by_content else "")
+                   + docs_txt)
+    chain = lineage(store, batch_id)
+    lineage_total, lineage_failed = _lineage_counts(store, chain)
+    tokens, characters = batch_usage(store, batch_id)
     store.execute(sql.SQL("""UPDATE {} SET status = %s, total = %s, ready = %s, failed = %s, encoded = %s,
-            counts_by_reason = %s, finished_at = now(), details = details || %s WHERE batch_id = %s""").format(
-        t("batches")), (status.value, total, ready, failed, total, Jsonb(by_reason),
-                        Jsonb({"retriable": retriable, "sample_errors": samples, "message": message}), batch_id))
+            counts_by_reason = %s, tokens = %s, finished_at = now(), details = details || %s
+        WHERE batch_id = %s""").format(t("batches")),
+        (status.value, total, ready, failed, total, Jsonb(by_reason), tokens,
+         Jsonb({"retriable": retriable, "sample_errors": samples, "message": message, "characters": characters,
+                "failed_documents": failed_docs, "documents_by_reason": docs_by_reason,
+                "document_samples": doc_samples, "root_batch_id": chain[0] if chain else batch_id,
+                "lineage_total": lineage_total, "lineage_failed": lineage_failed}), batch_id))
     if release_lease:
         release(store, corpus, batch_id)
     return BatchSummary(batch_id, corpus, status, total, ready, failed, reused, retriable, by_reason, samples,
                         round(seconds, 3), kind=kind, encoded=total, jobs_submitted=len(job_names),
-                        reused_by_content=by_content, kept_failed=kept, message=message)
+                        reused_by_content=by_content, kept_failed=kept, message=message,
+                        failed_documents=failed_docs, documents_by_reason=docs_by_reason,
+                        document_samples=doc_samples, root_batch_id=chain[0] if chain else batch_id,
+                        lineage_total=lineage_total, lineage_failed=lineage_failed, tokens=tokens,
+                        characters=characters)
+
+
+def add_stage_seconds(store: Store, batch_id: str, stage: str, seconds: float) -> None:
+    """Add ``seconds`` to the batch's time in ``stage`` (``details.stages``; mapped tasks add up)."""
+    store.execute(sql.SQL("""UPDATE {} SET details = jsonb_set(details, '{{stages}}',
+            coalesce(details->'stages', '{{}}'::jsonb) || jsonb_build_object(%s::text,
+                round((coalesce((details->'stages'->>%s)::numeric, 0) + %s)::numeric, 3)))
+        WHERE batch_id = %s""").format(store.t("batches")), (stage, stage, seconds, batch_id))
 
 
 def get_batch(store: Store, batch_id: str) -> dict | None:

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from reindex.chunking import Chunk
 from reindex.corpus import Document, FailedDocument
+from reindex.errors import ErrorCode
 from reindex.store import Store
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,26 @@ class CorpusWriter:
                     AND NOT EXISTS (SELECT 1 FROM stage_chunks sc WHERE sc.chunk_id = c.chunk_id)))""").format(
                 chunks=t("chunks"), emb=t(vector_table)), (corpus,))
             s.execute("CREATE INDEX ON reuse_pool (content_sha256)")
+        # Documents this scan did not see because a folder, file or row group above them could not be read
+        # are not gone: they keep their chunks and vectors until a scan reads that path again.
+        kept = s.execute(sql.SQL("""CREATE TEMP TABLE unseen_kept ON COMMIT DROP AS
+            SELECT d.doc_id FROM {documents} d WHERE d.corpus = %s
+                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)
+                AND EXISTS (SELECT 1 FROM stage_docs f WHERE f.status = 'FAILED' AND f.error_code = %s
+                    AND ((right(f.doc_id, 1) = '/' AND starts_with(d.doc_id, f.doc_id))
+                         OR d.source_uri = f.source_uri))""").format(documents=t("documents")),
+            (corpus, ErrorCode.UNREADABLE.value)).rowcount
+        if kept:
+            log.warning("corpus %s: %d document(s) under unreadable paths kept as they were", corpus, kept)
         gone_chunks = s.execute(
             sql.SQL("""DELETE FROM {chunks} c WHERE c.corpus = %s
-                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = c.doc_id)""").format(
+                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = c.doc_id)
+                AND NOT EXISTS (SELECT 1 FROM unseen_kept k WHERE k.doc_id = c.doc_id)""").format(
                 chunks=t("chunks")), (corpus,)).rowcount
         deleted_docs = s.execute(
             sql.SQL("""DELETE FROM {documents} d WHERE d.corpus = %s
-                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)""").format(
+                AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)
+                AND NOT EXISTS (SELECT 1 FROM unseen_kept k WHERE k.doc_id = d.doc_id)""").format(
                 documents=t("documents")), (corpus,)).rowcount
         s.execute(
             sql.SQL("""INSERT INTO {documents} AS d (corpus, doc_id, source_uri, content_sha256, metadata,

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 _MIGRATION_LOCK = 0x5245494E444558  # "REINDEX"
 
 CHUNK_STATUSES = ("PENDING", "READY", "FAILED")
-BATCH_STATUSES = ("RUNNING", "COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED")
+BATCH_STATUSES = ("RUNNING", "COMPLETED", "COMPLETED_WITH_ERRORS", "FAILED", "ABANDONED")
 CHUNKS_FILLFACTOR = 70  # room on each page for status updates to stay HOT (migration 3)
 
 
@@ -161,11 +161,26 @@ def _v4(store: Store) -> None:
         CHECK (storage IN ('vector', 'halfvec'))""").format(store.t("embedding_stores")))
 
 
+def _v5(store: Store) -> None:
+    """Lease liveness: the DAG of the lease's holder (so a dead holder run is recognised), the DAG of
+    every batch, and ``ABANDONED``: a batch whose run died while holding the corpus, closed by the run
+    that took the corpus over."""
+    t = store.t
+    store.execute(sql.SQL("ALTER TABLE {} ADD COLUMN lease_dag_id text").format(t("corpora")))
+    store.execute(sql.SQL("ALTER TABLE {} ADD COLUMN dag_id text").format(t("batches")))
+    store.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT batches_status_check").format(t("batches")))
+    store.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT batches_status_check CHECK (status IN ({}))").format(
+        t("batches"), sql.SQL(", ").join(sql.Literal(s) for s in BATCH_STATUSES)))
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS batches_parent_idx ON {} (parent_batch_id)").format(
+        t("batches")))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
     (3, "HOT status updates on chunks (fillfactor, batch index without the status)", _v3),
     (4, "storage (vector | halfvec) of each embedding store", _v4),
+    (5, "lease liveness (holder DAG), batch DAG, ABANDONED batches", _v5),
 ]
 
 

@@ -116,11 +116,12 @@ def ingest_ranges(store: Store, emb: EmbeddingStore, spec: ModelSpec, batch_id: 
 
 def close_results(store: Store, batch_id: str, jobs: list[dict] | None = None) -> int:
     """After every range was read: chunks with no result line become FAILED — ``JOB_FAILED`` with the
-    job's state and error when their job ended FAILED/CANCELLED/EXPIRED, else ``MISSING_FROM_OUTPUT``."""
+    failed jobs' states and errors when a job ended FAILED/CANCELLED/EXPIRED (retriable: the retry run
+    submits them in a new job), else ``MISSING_FROM_OUTPUT``."""
     from reindex.vertex.jobs import FAILED_STATES
 
     failed_jobs = [j for j in jobs or [] if j["state"] in FAILED_STATES]
-    if failed_jobs and len(failed_jobs) == len(jobs or []):
+    if failed_jobs:  # a chunk without a result line when a job failed: its job's (retriable, a new job)
         reason = "; ".join(f"job {j['name']} ended {j['state']}"
                            + (f": {j['error']['message']}" if j.get("error") else "") for j in failed_jobs)
         return mark_missing(store, batch_id, code=ErrorCode.JOB_FAILED, message=reason)

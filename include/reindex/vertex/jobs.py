@@ -75,6 +75,13 @@ def job_info(client, name: str) -> dict:
     """A JSON-able summary: state, output directory, completion stats, error."""
     job = client.get_batch_prediction_job(name=name)
     stats = job.completion_stats
+
+    def seconds(a, b) -> float | None:
+        try:
+            return round((b - a).total_seconds(), 3) if a and b else None
+        except (TypeError, AttributeError):
+            return None
+
     return {
         "name": job.name,
         "display_name": job.display_name,
@@ -83,6 +90,8 @@ def job_info(client, name: str) -> dict:
         "completion_stats": {"successful": int(stats.successful_count), "failed": int(stats.failed_count),
                              "incomplete": int(stats.incomplete_count)},
         "error": {"code": job.error.code, "message": job.error.message} if job.error.message else None,
+        # how long the job took from creation to its end (None while it runs or when not reported)
+        "wait_seconds": seconds(getattr(job, "create_time", None), getattr(job, "end_time", None)),
     }
 
 
