@@ -51,11 +51,13 @@ BENCH_ARGS ?=
 bench: native
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+# Airflow standalone on the embedded database (scripts/devenv.py). BACKEND=vertex also starts the GCS and
+# Vertex emulators on GCS_PORT / VERTEX_PORT, points the vertex backend and google_cloud_default at them,
+# and stops them when Airflow stops (README "Vertex from Airflow").
+GCS_PORT ?= 9023
+VERTEX_PORT ?= 8790
 airflow: native
-	eval "$$($(BIN)/python scripts/devenv.py)" && \
-	  $(BIN)/airflow db migrate >/dev/null && \
-	  echo "Airflow UI: http://localhost:8080 — login 'admin', password in $$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" && \
-	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
+	$(BIN)/python scripts/devenv.py airflow --backend $(BACKEND) --gcs-port $(GCS_PORT) --vertex-port $(VERTEX_PORT)
 
 status: $(STAMP)
 	$(BIN)/python -m reindex status --corpus sample

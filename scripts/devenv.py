@@ -1,21 +1,60 @@
-"""Start the embedded PostgreSQL under .data/ and print the environment for Airflow (shell `export`s).
+"""The development environment: embedded PostgreSQL under .data/, Airflow pointed at it, and — for
+``BACKEND=vertex`` — the offline Google stand-ins, started with Airflow and stopped with it.
 
-Usage: eval "$(.venv/bin/python scripts/devenv.py)"   (what `make airflow` does)
-       .venv/bin/python scripts/devenv.py stop       (`make db-stop`)
+Usage:
+  eval "$(.venv/bin/python scripts/devenv.py)"        print the environment (shell `export`s)
+  .venv/bin/python scripts/devenv.py airflow [--backend local|vertex] [--gcs-port 9023]
+        [--vertex-port 8790] [--no-db] [-- COMMAND ...]
+                                                      `make airflow [BACKEND=vertex]`: run COMMAND
+                                                      (default: `airflow db migrate` + `airflow standalone`)
+                                                      in that environment; emulators stop when it ends
+  .venv/bin/python scripts/devenv.py stop             `make db-stop`
+
+``--backend vertex`` starts ``python -m reindex.emulators.gcs`` and ``python -m
+reindex.emulators.vertex`` (logs in ``.data/emulators/``), waits until both answer, and adds to the
+environment: ``REINDEX_VERTEX_PROJECT``, ``REINDEX_VERTEX_ENDPOINT``, ``STORAGE_EMULATOR_HOST``,
+``REINDEX_GCS_BUCKET``, a 5 s ``REINDEX_VERTEX_POLL_SECONDS`` and the ``google_cloud_default``
+connection with ``is_anonymous: true`` (``AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT``). Values already in
+the environment win, except the emulator endpoints.
+
+Dimensions: the default Vertex model, ``text-embedding-005``, makes 768-d vectors, and the Params
+form's default ``output_dimensionality`` (empty) asks for exactly that. The emulator embeds with a
+768-d model built once under ``.data/models/``: the bundled MiniLM (384-d) followed by a fixed
+linear map with orthonormal columns (384 → 768), so every cosine similarity is MiniLM's own — real
+neighbours, the dimension Vertex gives. A job asking another dimension fails with the emulator's
+message (``gemini-embedding-001``: 3072 by default; ask 768).
+
+The emulators run in their own session (Ctrl-C reaches Airflow, which shuts down first) and get
+SIGTERM when the command ends — normally, by Ctrl-C or by SIGTERM/SIGHUP to this launcher; if the
+launcher itself is killed, Linux's parent-death signal stops them.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shlex
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("REINDEX_DATA_DIR", ROOT / ".data"))
+BUCKET = "reindex-batches"
+EMULATOR_MODEL = "minilm-orthonormal-768"
+EMULATOR_DIM = 768
+_MODEL_RECIPE = {"base": "all-MiniLM-L6-v2 (bundled)", "map": "orthonormal columns, QR of a seeded normal matrix",
+                 "seed": 20261129, "dim": EMULATOR_DIM, "version": 1}
 
 
 def setup() -> dict[str, str]:
+    """Start (or find) the embedded server under .data/pg; the Airflow environment that uses it."""
     sys.path.insert(0, str(ROOT / "include"))
     from reindex.embedded import airflow_env, ensure_server
 
@@ -37,13 +76,205 @@ def stop() -> None:
     print(f"stopped embedded PostgreSQL at {pgdata}")
 
 
-if __name__ == "__main__":
-    import logging
+# --- the emulators ----------------------------------------------------------------------------------
 
-    if sys.argv[1:] == ["stop"]:
+def emulator_model(data: Path = DATA) -> Path:
+    """The 768-d model the Vertex emulator embeds with (built once, offline; rebuilt if its recipe changed).
+
+    MiniLM's normalised 384-d vector x becomes Q·x with Q (768 × 384) having orthonormal columns:
+    |Q·x| = |x| and (Q·x)·(Q·y) = x·y, so the vectors keep MiniLM's neighbours exactly.
+    """
+    path = data / "models" / EMULATOR_MODEL
+    marker = path / "reindex_recipe.json"
+    if marker.exists() and json.loads(marker.read_text()) == _MODEL_RECIPE:
+        return path
+    sys.path.insert(0, str(ROOT / "include"))
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    from reindex.models import offline_hub, resolve_model_path
+
+    offline_hub()
+    base = SentenceTransformer(str(resolve_model_path("default")), device="cpu", local_files_only=True)
+    gen = torch.Generator().manual_seed(_MODEL_RECIPE["seed"])
+    q, _ = torch.linalg.qr(torch.randn(EMULATOR_DIM, 384, generator=gen, dtype=torch.float64))
+    dense = Dense(in_features=384, out_features=EMULATOR_DIM, bias=False,
+                         activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(q.to(torch.float32))
+    SentenceTransformer(modules=[base[0], base[1], dense, Normalize()], device="cpu").save(str(path))
+    marker.write_text(json.dumps(_MODEL_RECIPE))
+    return path
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}; log {log}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def _vertex_config(model: Path) -> dict:
+    """The emulator's start-up config: $VERTEX_EMULATOR_CONFIG (fault injection etc.) with our model,
+    unless that config names its own ``local_model`` or the hash embedder."""
+    raw = os.environ.get("VERTEX_EMULATOR_CONFIG", "").strip()
+    if raw and not raw.startswith("{"):
+        raw = Path(raw).read_text(encoding="utf-8")
+    user = json.loads(raw) if raw else {}
+    return {} if "local_model" in user or user.get("embedder") == "hash" else {"local_model": str(model)}
+
+
+def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple[dict[str, str], list]:
+    """Start the GCS and Vertex emulators as child processes, wait until both answer.
+
+    Returns (the environment that points the Vertex backend at them, the processes).
+    """
+    for port, what, var in ((gcs_port, "GCS", "GCS_PORT"), (vertex_port, "Vertex", "VERTEX_PORT")):
+        if _port_taken(port):
+            raise SystemExit(f"port {port} for the {what} emulator is in use: stop what listens there, "
+                             f"or choose another (make airflow BACKEND=vertex {var}=...)")
+    model = emulator_model(data)
+    logs = data / "emulators"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "include"),
+                                                                       os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    gcs_url, vertex_url = f"http://127.0.0.1:{gcs_port}", f"http://127.0.0.1:{vertex_port}"
+    commands = [
+        ("gcs", [sys.executable, "-m", "reindex.emulators.gcs", "--host", "127.0.0.1", "--port", str(gcs_port),
+                 "--bucket", BUCKET], f"{gcs_url}/storage/v1/b"),
+        ("vertex", [sys.executable, "-m", "reindex.emulators.vertex", "--host", "127.0.0.1", "--port",
+                    str(vertex_port), "--gcs-host", gcs_url, "--config", json.dumps(_vertex_config(model))],
+         f"{vertex_url}/emulator/health"),
+    ]
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, cmd, health in commands:
+            log = logs / f"{name}.log"
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True, preexec_fn=_die_with_parent))
+            _wait_ready(procs[-1], health, log)
+    except BaseException:
+        stop_emulators(procs)
+        raise
+    conn = {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}
+    out_env = {
+        "REINDEX_VERTEX_PROJECT": os.environ.get("REINDEX_VERTEX_PROJECT", "emulator"),
+        "REINDEX_VERTEX_ENDPOINT": vertex_url,
+        "STORAGE_EMULATOR_HOST": gcs_url,
+        "REINDEX_GCS_BUCKET": BUCKET,
+        "REINDEX_VERTEX_POLL_SECONDS": os.environ.get("REINDEX_VERTEX_POLL_SECONDS", "5"),
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(conn),
+    }
+    return out_env, procs
+
+
+def stop_emulators(procs: list) -> None:
+    """SIGTERM (the emulators' clean stop), then SIGKILL whatever is still running after 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# --- make airflow --------------------------------------------------------------------------------------
+
+def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, with_db: bool = True) -> int:
+    """Run ``command`` (default: migrate + ``airflow standalone``) in the dev environment; the
+    emulators (``backend == "vertex"``) live exactly as long as the command."""
+    env = dict(os.environ)
+    if with_db:
+        env.update(setup())
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])  # standalone spawns `airflow …` itself
+    procs: list[subprocess.Popen] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    try:
+        if backend == "vertex":
+            google_env, procs = start_emulators(gcs_port, vertex_port)
+            env.update(google_env)
+            print(f"Vertex emulator {google_env['REINDEX_VERTEX_ENDPOINT']} (text-embedding-005: {EMULATOR_DIM}-d), "
+                  f"GCS emulator {google_env['STORAGE_EMULATOR_HOST']}, bucket {BUCKET}; logs in {DATA / 'emulators'}",
+                  flush=True)
+        if not command:
+            subprocess.run([os.path.join(bin_dir, "airflow"), "db", "migrate"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            print(f"Airflow UI: http://localhost:8080 — login 'admin', password in "
+                  f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated", flush=True)
+            command = [os.path.join(bin_dir, "airflow"), "standalone"]
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGHUP, forward)
+        child = subprocess.Popen(command, env=env)
+        while True:
+            try:
+                rc = child.wait()
+                return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
+            except KeyboardInterrupt:  # Ctrl-C reached the command too: wait for it to shut down
+                continue
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            child.wait()
+        stop_emulators(procs)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["stop"]:
         stop()
-        sys.exit(0)
+        return 0
+    if argv[:1] == ["airflow"]:
+        ap = argparse.ArgumentParser(prog="scripts/devenv.py airflow")
+        ap.add_argument("--backend", choices=["local", "vertex"], default="local")
+        ap.add_argument("--gcs-port", type=int, default=int(os.environ.get("GCS_PORT") or 9023))
+        ap.add_argument("--vertex-port", type=int, default=int(os.environ.get("VERTEX_PORT") or 8790))
+        ap.add_argument("--no-db", action="store_true", help="use the Airflow/DB settings of the environment")
+        ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ... (default: airflow standalone)")
+        args = ap.parse_args(argv[1:])
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        return run(args.backend, command, gcs_port=args.gcs_port, vertex_port=args.vertex_port,
+                   with_db=not args.no_db)
+    import logging
 
     logging.disable(logging.INFO)
     for key, value in setup().items():
         print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
