@@ -109,7 +109,7 @@ def build_scenario(store: Store) -> Scenario:
         "jobs": [{"name": JOB, "display_name": f"reindex-{s.full}-job0000", "state": "SUCCEEDED",
                   "output_dir": "gs://reindex-batches/reindex/kb/out/prediction-model-x",
                   "completion_stats": {"successful": 8, "failed": 2, "incomplete": 0}, "error": None}],
-        "stages": {"chunk_corpus": 1.25, "submit_vertex_batch": 310.5, "ingest_results": 4.75},
+        "stages": {"ingest": 4.75, "chunk": 1.25, "vertex_wait": 310.5, "zz_custom": 2},
         "usage": {"tokens": 1234, "characters": 5678, "token_source": "service"},
         "cost": {"usd": 0.0125, "unit": "1M_tokens", "priced": True, "saving_usd": 0.0125,
                  "price_source": "test price"},
@@ -243,7 +243,8 @@ def test_batch_detail(store, scenario):
     assert job["completion_stats"] == {"successful": 8, "failed": 2, "incomplete": 0}
     assert d["usage"]["tokens"] == 1234 and d["usage"]["characters"] == 5678
     assert d["usage"]["cost"]["usd"] == 0.0125
-    assert d["stages"] == {"chunk_corpus": 1.25, "submit_vertex_batch": 310.5, "ingest_results": 4.75}
+    assert d["stages"] == {"chunk": 1.25, "vertex_wait": 310.5, "ingest": 4.75, "zz_custom": 2.0}
+    assert list(d["stages"]) == ["chunk", "vertex_wait", "ingest", "zz_custom"]  # pipeline order, then by name
     assert d["failed_documents"] == {"count": 2, "by_reason": {"BAD_DOCUMENT": 1, "DECODE_ERROR": 1}}
     assert d["model"]["model_id"] == SPEC.model_id
 

@@ -308,11 +308,19 @@ def _usage(row: dict) -> dict:
             "token_source": usage.get("token_source") or (cost or {}).get("token_source"), "cost": cost}
 
 
+# The order a batch goes through its stages (``details.stages`` keys); others follow by name.
+STAGE_ORDER = ("chunk", "claim", "encode", "submit", "vertex_wait", "ingest", "close", "index", "summarize", "switch")
+
+
 def _stages(details: dict) -> dict[str, float] | None:
+    """Seconds per stage in pipeline order (jsonb keeps object keys in its own order)."""
     stages = details.get("stages")
     if not isinstance(stages, dict) or not stages:
         return None
-    return {str(k): float(v) for k, v in stages.items() if isinstance(v, int | float)}
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    keys = sorted((str(k) for k, v in stages.items() if isinstance(v, int | float)),
+                  key=lambda k: (rank.get(k, len(rank)), k))
+    return {k: float(stages[k]) for k in keys}
 
 
 def batch_detail(store: Store, batch_id: str, *, per_reason: int = 3, policy: RetryPolicy | None = None
