@@ -24,14 +24,16 @@ linear map with orthonormal columns (384 → 768), so every cosine similarity is
 neighbours, the dimension Vertex gives. A job asking another dimension fails with the emulator's
 message (``gemini-embedding-001``: 3072 by default; ask 768).
 
-The emulators run in their own session (Ctrl-C reaches Airflow, which shuts down first) and get
-SIGTERM when the command ends — normally, by Ctrl-C or by SIGTERM/SIGHUP to this launcher; if the
-launcher itself is killed, Linux's parent-death signal stops them.
+Stopping: Ctrl-C (or SIGTERM/SIGHUP to this launcher) gives the command one SIGINT — ``airflow
+standalone``'s clean stop — then the emulators get SIGTERM once it has exited (see ``run``). The
+command and the emulators run in process groups of their own; if the launcher itself is killed,
+Linux's parent-death signal stops them (SIGINT to the command, SIGTERM to the emulators).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -114,12 +116,14 @@ def _port_taken(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent(signum: int = signal.SIGTERM):
+    """A ``preexec_fn``: the child gets ``signum`` when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
+    def preexec() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # 1 = PR_SET_PDEATHSIG
+    return preexec
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120.0) -> None:
@@ -177,7 +181,7 @@ def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple
             log = logs / f"{name}.log"
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True, preexec_fn=_die_with_parent))
+                                              start_new_session=True, preexec_fn=_die_with_parent()))
             _wait_ready(procs[-1], health, log)
     except BaseException:
         stop_emulators(procs)
@@ -209,9 +213,20 @@ def stop_emulators(procs: list) -> None:
 
 # --- make airflow --------------------------------------------------------------------------------------
 
+GRACE_SECONDS = 60  # after a stop request, how long the command may take to shut down before SIGKILL
+
+
 def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, with_db: bool = True) -> int:
     """Run ``command`` (default: migrate + ``airflow standalone``) in the dev environment; the
-    emulators (``backend == "vertex"``) live exactly as long as the command."""
+    emulators (``backend == "vertex"``) live exactly as long as the command.
+
+    The command runs in its own process group. Ctrl-C, SIGTERM or SIGHUP to this launcher sends it ONE
+    SIGINT — ``airflow standalone``'s own clean stop: it SIGTERMs its components and waits for them. (A
+    terminal's Ctrl-C reaching the components too, followed by standalone's SIGTERM, can leave the
+    triggerer hung.) A second request, or ``GRACE_SECONDS`` without an exit, SIGKILLs the group; then
+    whatever is left in the group is killed and the emulators are stopped. Returns the command's exit
+    status, or 128 + the signal that stopped the launcher.
+    """
     env = dict(os.environ)
     if with_db:
         env.update(setup())
@@ -219,10 +234,22 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])  # standalone spawns `airflow …` itself
     procs: list[subprocess.Popen] = []
     child: subprocess.Popen | None = None
+    stopping: dict[str, float] = {}
 
-    def forward(signum, _frame):
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+    def kill_group() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+
+    def request_stop(signum, _frame) -> None:
+        if child is None or child.poll() is not None:
+            return
+        if stopping:
+            print("stopping now (SIGKILL)", flush=True)
+            kill_group()
+            return
+        stopping.update(signal=signum, deadline=time.monotonic() + GRACE_SECONDS)
+        print(f"stopping: SIGINT to {command[-1]} (again to kill at once; SIGKILL in {GRACE_SECONDS} s)", flush=True)
+        child.send_signal(signal.SIGINT)
 
     try:
         if backend == "vertex":
@@ -237,18 +264,24 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
             print(f"Airflow UI: http://localhost:8080 — login 'admin', password in "
                   f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated", flush=True)
             command = [os.path.join(bin_dir, "airflow"), "standalone"]
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGHUP, forward)
-        child = subprocess.Popen(command, env=env)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, request_stop)
+        child = subprocess.Popen(command, env=env, start_new_session=True,
+                                 preexec_fn=_die_with_parent(signal.SIGINT))
         while True:
             try:
-                rc = child.wait()
-                return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
-            except KeyboardInterrupt:  # Ctrl-C reached the command too: wait for it to shut down
-                continue
+                rc = child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping and time.monotonic() > stopping["deadline"]:
+                    print(f"{command[-1]} did not stop within {GRACE_SECONDS} s: SIGKILL", flush=True)
+                    kill_group()
+        if stopping:
+            return 128 + int(stopping["signal"])
+        return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
     finally:
-        if child is not None and child.poll() is None:
-            child.terminate()
+        if child is not None:
+            kill_group()  # components the command left behind (none after a clean stop)
             child.wait()
         stop_emulators(procs)
 

@@ -4,7 +4,6 @@ when it ends, when the launcher gets SIGTERM, and when the launcher is killed ou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -42,12 +41,24 @@ def _wait(condition, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def _read_until_up(proc: subprocess.Popen) -> None:
-    """Read the launcher's output until its command printed 'up' (the emulators answered before that)."""
+SLEEPER = [sys.executable, "-c", "import os, time; print('up', os.getpid(), flush=True); time.sleep(600)"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
+
+
+def _read_until_up(proc: subprocess.Popen) -> int:
+    """Read the launcher's output until its command printed 'up <pid>' (the emulators answered before
+    that); the command's pid."""
     seen = []
     for line in proc.stdout:
-        if line.strip() == "up":
-            return
+        if line.startswith("up "):
+            return int(line.split()[1])
         seen.append(line)
     raise AssertionError(f"launcher ended (rc {proc.wait()}) before its command started: {''.join(seen)[-3000:]}")
 
@@ -119,13 +130,13 @@ def test_form_defaults_run_on_the_emulators_and_keep_minilm_neighbours(airflow_d
 
 def test_sigterm_to_the_launcher_stops_the_command_and_the_emulators(data_dir):
     ports = (_free_port(), _free_port())
-    proc = _launcher(data_dir, ports, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"],
-                     stdout=subprocess.PIPE, text=True)
+    proc = _launcher(data_dir, ports, SLEEPER, stdout=subprocess.PIPE, text=True)
     try:
-        _read_until_up(proc)
+        pid = _read_until_up(proc)
         assert _listening(ports[0]) and _listening(ports[1])
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # the command's own status, as a shell gives it
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # as a shell reports a SIGTERMed command
+        assert not _alive(pid)  # it got SIGINT (standalone's clean stop), then its group was cleared
         assert not _listening(ports[0]) and not _listening(ports[1])
     finally:
         if proc.poll() is None:
@@ -134,17 +145,18 @@ def test_sigterm_to_the_launcher_stops_the_command_and_the_emulators(data_dir):
 
 def test_a_killed_launcher_takes_the_emulators_down(data_dir):
     ports = (_free_port(), _free_port())
-    proc = _launcher(data_dir, ports, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"],
-                     stdout=subprocess.PIPE, text=True)
+    proc = _launcher(data_dir, ports, SLEEPER, stdout=subprocess.PIPE, text=True)
+    pid = None
     try:
-        _read_until_up(proc)
+        pid = _read_until_up(proc)
         assert _listening(ports[0]) and _listening(ports[1])
         proc.send_signal(signal.SIGKILL)  # no cleanup code runs in the launcher
         proc.wait(timeout=30)
         _wait(lambda: not _listening(ports[0]) and not _listening(ports[1]), "the emulators to stop (parent-death)")
+        _wait(lambda: not _alive(pid), "the command to stop (parent-death SIGINT)")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the orphaned command (it shares the launcher's session)
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_taken_port_is_refused_with_the_way_out(data_dir):
