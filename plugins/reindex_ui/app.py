@@ -10,7 +10,7 @@ HTML pages (shown in the Airflow UI's iframes) and the same data as JSON under `
 | ``GET /batches/{batch_id}/failures`` · ``GET /api/batches/{batch_id}/failures`` | FAILED chunks, by reason, keyset pages (``after``, ``limit``) |
 | ``GET /batches/{batch_id}/failures.csv`` | every FAILED chunk (optionally of one reason) as streamed CSV |
 | ``POST /batches/{batch_id}/retry`` · ``POST /api/batches/{batch_id}/retry`` | trigger ``reindex_retry`` with ``{"batch_id": …}`` |
-| ``POST /corpora/{corpus}/lease/release`` · ``POST /api/corpora/{corpus}/lease/release`` | free the lease of a run that is no longer running |
+| ``POST /corpora/{corpus}/lease/release`` · ``POST /api/corpora/{corpus}/lease/release`` | free the lease of a run that is no longer running (its batch: ABANDONED) |
 
 Every route needs an authenticated Airflow user and the auth manager's DAG permission
 (``reindex_ui.security``); the SQL lives in ``reindex.store.inspect`` (Airflow-free).
@@ -22,6 +22,7 @@ import csv
 import io
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -115,8 +116,10 @@ def _trigger_retry(batch_id: str, user: BaseUser) -> str:
     from airflow.exceptions import DagNotFound, DagRunAlreadyExists
     from airflow.utils.types import DagRunTriggeredByType
 
+    # Named like the retry runs the DAGs trigger themselves (wiring.trigger_retry): the batch, then the time.
+    run_id = f"retry__{batch_id}__{datetime.now(UTC):%Y%m%dT%H%M%S}"
     try:
-        run = trigger_dag(RETRY_DAG, conf={"batch_id": batch_id}, triggered_by=DagRunTriggeredByType.UI,
+        run = trigger_dag(RETRY_DAG, run_id=run_id, conf={"batch_id": batch_id}, triggered_by=DagRunTriggeredByType.UI,
                           triggering_user_name=user.get_name(),
                           note=f"retry of batch {batch_id} requested from the reindex view by {user.get_name()}")
     except DagNotFound:
@@ -372,8 +375,14 @@ def retry_action(request: Request, user: BaseUser, batch_id: str, supplied_csrf:
 
 def release_action(request: Request, user: BaseUser, corpus: str, batch_id: str | None,
                    supplied_csrf: str | None) -> dict:
-    """Free the corpus's lease held by ``batch_id`` (the one the user saw) if its run is not queued or running."""
-    from reindex.store.leases import release
+    """Free the corpus's lease held by ``batch_id`` (the one the user saw) if its run is not queued or running.
+
+    As when a run takes a dead holder's lease over (``reindex.store.leases``), the holder's batch is closed
+    ``ABANDONED`` and its unfinished chunks become FAILED ``ABANDONED`` (retriable: the next run claims them),
+    in one transaction under the corpus's advisory lock.
+    """
+    from reindex.store import corpus_lock_key
+    from reindex.store.leases import abandon_batch, release
 
     check_csrf(request, user, supplied_csrf)
     perms = Permissions(user)
@@ -397,15 +406,18 @@ def release_action(request: Request, user: BaseUser, corpus: str, batch_id: str 
                             f"run {dag}/{lease['run_id']} is still {state}: a live run's lease is not freed by hand. "
                             "Mark the run failed in Airflow (or let it finish): its batch then closes and frees "
                             "the corpus")
-    with open_store(writable=True) as store:
-        released = release(store, corpus, batch_id)
-    if not released:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"corpus {corpus!r}: the lease of batch {batch_id} was "
-                                                      "already given back")
-    log.warning("reindex UI: %s freed corpus %s from run %s/%s (batch %s, run state %s)", user.get_name(), corpus,
-                dag, lease["run_id"], batch_id, state)
+    reason = (f"its lease was freed by {user.get_name()} from the reindex view; Airflow run "
+              f"{dag}/{lease['run_id']}: {state or 'not found'}")
+    with open_store(writable=True) as store, store.conn.transaction():
+        store.execute("SELECT pg_advisory_xact_lock(%s)", (corpus_lock_key(corpus),))
+        if not release(store, corpus, batch_id):
+            raise HTTPException(status.HTTP_409_CONFLICT, f"corpus {corpus!r}: the lease of batch {batch_id} was "
+                                                          "already given back")
+        abandoned = abandon_batch(store, batch_id, reason)
+    log.warning("reindex UI: %s freed corpus %s from run %s/%s (batch %s, run state %s; %d unfinished chunks "
+                "ABANDONED)", user.get_name(), corpus, dag, lease["run_id"], batch_id, state, abandoned)
     return {"corpus": corpus, "released": True, "batch_id": batch_id, "dag_id": dag, "run_id": lease["run_id"],
-            "run_state": state}
+            "run_state": state, "abandoned_chunks": abandoned}
 
 
 CsrfField = Annotated[str | None, Form()]

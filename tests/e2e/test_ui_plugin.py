@@ -152,8 +152,8 @@ def test_plugin_is_registered_with_its_views(api_app):
 
     (info,) = [p for p in plugins_manager.get_plugin_info() if p["name"] == "reindex_ui"]
     assert [(a["url_prefix"], a["name"]) for a in info["fastapi_apps"]] == [("/reindex", "reindex")]
-    assert [(v["destination"], v["href"], v["url_route"]) for v in info["external_views"]] == [
-        ("nav", "reindex/", "reindex"), ("dag_run", "reindex/runs/{DAG_ID}/{RUN_ID}", "reindex-run")]
+    assert [(v["destination"], v["href"], v["url_route"], v.get("nav_top_level")) for v in info["external_views"]] == [
+        ("nav", "reindex/", "reindex", True), ("dag_run", "reindex/runs/{DAG_ID}/{RUN_ID}", "reindex-run", None)]
     assert plugins_manager.get_import_errors() == {}
     mounted = [r for r in api_app.routes if getattr(r, "path", None) == "/reindex"]
     assert len(mounted) == 1
@@ -353,6 +353,7 @@ def test_retry_action(ui, serialized_dags):
     r = client.post(form, cookie=tok["operator"], data={"csrf_token": csrf}, headers={"Origin": "http://testserver"})
     assert r.status_code == 201, r.text
     (run_id,) = _attr(r.text, "action-result", "data-run-id")
+    assert re.fullmatch(rf"retry__{s.many}__\d{{8}}T\d{{6}}", run_id)  # named like the DAGs' own retry runs
     with create_session() as session:
         dr = session.scalars(select(DagRun).where(DagRun.dag_id == "reindex_retry", DagRun.run_id == run_id)).one()
         assert (dr.conf, str(dr.state), dr.triggering_user_name) == ({"batch_id": s.many}, "queued", "operator")
@@ -396,8 +397,12 @@ def test_release_action(ui, serialized_dags, store):
         r = client.post("/reindex/corpora/news/lease/release", cookie=tok["admin"],
                         data={"csrf_token": csrf, "batch_id": s.running})
         assert r.status_code == 200, r.text
-        assert "Freed corpus" in _text(r.text, "action-result")[0]
+        assert "Freed corpus" in _text(r.text, "action-result")[0] and _text(r.text, "abandoned-chunks") == ["2"]
         assert inspect.corpus_lease(store, "news") is None
+        # as a takeover would: the dead run's batch is closed, its unfinished chunks left retriable
+        closed = inspect.batch_detail(store, s.running)
+        assert closed["status"] == "ABANDONED" and closed["now"]["failed_by_reason"] == {"ABANDONED": 2}
+        assert closed["retriable"] == 2
         r = client.post(url, token=tok["admin"], json={"batch_id": s.running})
         assert r.status_code == 409 and "not leased" in r.json()["detail"]
     finally:
