@@ -124,6 +124,18 @@ def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
 _LIVE_RUN_STATES = {"queued", "running"}
 
 
+def _http_status(e: Exception) -> int | None:
+    """The API server's HTTP status behind an Execution API error: in-process (``dag.test()``) the client's
+    ``ServerResponseError``; under a supervisor an ``AirflowRuntimeError`` carrying it in ``error.detail``."""
+    response = getattr(e, "response", None)
+    if response is not None and isinstance(getattr(response, "status_code", None), int):
+        return response.status_code
+    detail = getattr(getattr(e, "error", None), "detail", None)
+    if isinstance(detail, dict) and isinstance(detail.get("status_code"), int):
+        return detail["status_code"]
+    return None
+
+
 def _holder_alive(holder) -> bool | None:
     """Whether the lease holder's DAG run is still queued or running, asked of Airflow (the Execution API
     from a task). None when it cannot be known (no DAG id recorded, or no Airflow to ask)."""
@@ -134,7 +146,7 @@ def _holder_alive(holder) -> bool | None:
 
         state = RuntimeTaskInstance.get_dagrun_state(holder.dag_id, holder.run_id)
     except Exception as e:  # noqa: BLE001 - e.g. the run was deleted (404), or no supervisor (plain Python)
-        if "404" in str(e) or "not found" in str(e).lower():
+        if _http_status(e) == 404:  # no such DAG run (deleted, or it never got its batch): not alive
             return False
         log.info("could not ask Airflow for the state of run %s/%s (%s); using the lease heartbeat",
                  holder.dag_id, holder.run_id, e)
@@ -197,6 +209,7 @@ MAP_INDEX_TEMPLATE = "{{ reindex_label | default('') }}"
 def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
     from reindex import pipeline
+    from reindex.cost import record_partition_usage
     from reindex.store.batches import add_stage_seconds
     from reindex.store.leases import heartbeat
 
@@ -206,7 +219,9 @@ def encode_partition(partition: dict, manifest: dict) -> dict:
         heartbeat(store, cfg.corpus, manifest["batch_id"])
         out = pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
         add_stage_seconds(store, manifest["batch_id"], "encode", out["seconds"])
-    _metrics().partition_done("encode", out)
+        record_partition_usage(store, manifest["batch_id"], f"encode_partition/{partition['index']}",
+                               seconds=out["seconds"])
+    _metrics().partition_done("encode", out, corpus=cfg.corpus)
     return out
 
 
@@ -260,8 +275,17 @@ def _ranges_label(ranges: list[dict]) -> str:
     return f"{shown} ({mib:.1f} MiB)" if mib else shown
 
 
+def _ranges_key(ranges: list[dict]) -> str:
+    """A stable name for one mapped ingest task's share (a rerun of the task overwrites its own usage)."""
+    import hashlib
+
+    text = "|".join(f"{r.get('uri')}:{r.get('start')}-{r.get('end')}" for r in ranges)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def ingest_results(ranges: list[dict], manifest: dict) -> dict:
     """Stream one partition of result lines from GCS: COPY-load vectors, record failures per chunk."""
+    from reindex.cost import record_partition_usage
     from reindex.store.batches import add_stage_seconds
     from reindex.store.leases import heartbeat
     from reindex.store.vectors import get_embedding_store
@@ -276,7 +300,9 @@ def ingest_results(ranges: list[dict], manifest: dict) -> dict:
         out = ingest_ranges(store, emb, spec, manifest["batch_id"], ranges, backend.family,
                             storage_client=hook.storage_client())
         add_stage_seconds(store, manifest["batch_id"], "ingest", out.get("seconds") or 0.0)
-    _metrics().partition_done("ingest", out)
+        record_partition_usage(store, manifest["batch_id"], f"ingest_results/{_ranges_key(ranges)}",
+                               reported_tokens=int(out.get("tokens") or 0), seconds=out.get("seconds") or 0.0)
+    _metrics().partition_done("ingest", out, corpus=cfg.corpus)
     return out
 
 
@@ -294,55 +320,33 @@ def close_results(manifest: dict, submitted: dict) -> int:
 
 
 def _metrics():
-    try:
-        from reindex_airflow import metrics
-    except ImportError:  # TODO(lead): metrics module lands with the metrics work; remove this guard then
-        from types import SimpleNamespace
+    from reindex_airflow import metrics
 
-        def _noop(*args, **kwargs):
-            return None
-
-        return SimpleNamespace(partition_done=_noop, batch_closed=_noop, log_event=_noop, lease_waited=_noop,
-                               vertex_jobs_waited=_noop)
     return metrics
 
 
 def summarize(manifest: dict | None = None) -> dict:
     """Close the batch: COMPLETED / COMPLETED_WITH_ERRORS / FAILED with counts by reason, failed documents,
     tokens and estimated cost, and what is left FAILED of the whole retry chain."""
+    from reindex.cost import batch_cost
     from reindex.status import outcome_line
     from reindex.store.batches import summarize_batch
 
     manifest = _upstream_done(manifest, "summarize")
+    cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store, store.conn.transaction():
         # An upgrade keeps the corpus's lease until its switch (or its failure) is done.
         summary = summarize_batch(store, manifest["batch_id"], release_lease=manifest.get("kind") != "upgrade")
-        cfg = config_from(manifest["config"])
-        summary.cost = _record_cost(store, summary, cfg)
+        usage = batch_cost(store, manifest["batch_id"])
+    summary.tokens, summary.characters, summary.cost = usage["tokens"], usage["characters"], usage["cost"]
     out = summary.to_dict()
     out.update({k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks")
                 if k in manifest})
     out["max_failed_ratio"] = cfg.max_failed_ratio
     out["outcome"] = outcome_line(out)
     log.info("%s — %s", out["outcome"], summary.message)
-    _metrics().batch_closed(out)
+    _metrics().batch_closed(out, backend=cfg.backend.value, cost=usage)
     return out
-
-
-def _record_cost(store, summary, cfg) -> dict:
-    """The batch's estimated price (and the same work online), kept on the batch row."""
-    from psycopg import sql
-    from psycopg.types.json import Jsonb
-
-    try:
-        from reindex.cost import estimate
-    except ImportError:  # the price table ships with the cost module
-        return {}
-    cost = estimate(cfg.backend.value, cfg.model, tokens=summary.tokens, characters=summary.characters,
-                    batch=cfg.backend.value == "vertex")
-    store.execute(sql.SQL("UPDATE {} SET cost_usd = %s, details = details || %s WHERE batch_id = %s").format(
-        store.t("batches")), (cost.get("batch_usd"), Jsonb({"cost": cost}), summary.batch_id))
-    return cost
 
 
 def choose_branch(summary: dict) -> str:

@@ -208,3 +208,95 @@ def test_total_failure_fails_the_run_loudly(dagbag, store_conn, tmp_path, monkey
     st = corpus_status(store_conn, "fail_e2e")
     assert st["last_batch"]["status"] == "FAILED"
     assert st["failed_by_reason"] == {"ENCODER_ERROR": 1}
+
+
+def _failed(dr) -> list[str]:
+    return sorted(t for t, s in _ti_states(dr).items() if s == "failed")
+
+
+def test_a_bad_parameter_combination_fails_once_with_its_message(corpus_dag, store_conn, tmp_path):
+    """max_tokens=100 and overlap_tokens=90 are each valid alone: the first task refuses the pair with the
+    message, no task retries, nothing downstream fails with a second traceback, and nothing is written."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from reindex_airflow.tasks import ensure_schema
+
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    conf = {"corpus": "bad_combo", "corpus_uri": str(tmp_path), "max_tokens": 100, "overlap_tokens": 90}
+    with pytest.raises(AirflowFailException, match=r"^overlap_tokens=90 is out of range: must be between 0 and 50$"):
+        ensure_schema(conf)
+    dr = corpus_dag.test(run_conf=conf)
+    states = _ti_states(dr)
+    assert dr.state == "failed" and _failed(dr) == ["ensure_schema"], states
+    assert states["build_index"] == states["summarize"] == "skipped"
+    assert states["done"] == "upstream_failed"
+    from airflow import settings
+    from airflow.models.taskinstance import TaskInstance
+
+    with settings.Session() as session:
+        tries = session.query(TaskInstance.try_number).filter(
+            TaskInstance.run_id == dr.run_id, TaskInstance.task_id == "ensure_schema").scalar()
+    assert tries == 1  # a terminal input error is not retried
+    (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'bad_combo'").format(
+        store_conn.t("corpora")))
+    assert rows == 0
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_a_missing_or_empty_corpus_is_refused_before_any_write(corpus_dag, store_conn, tmp_path, make):
+    root = tmp_path / "corpus"
+    if make == "empty":
+        root.mkdir()
+        (root / "notes.csv").write_text("a,b", encoding="utf-8")
+    dr = corpus_dag.test(run_conf={"corpus": f"refused_{make}", "corpus_uri": str(root)})
+    assert dr.state == "failed" and _failed(dr) == ["ensure_schema"], _ti_states(dr)
+    for table in ("corpora", "embedding_stores", "batches"):
+        (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(store_conn.t(table)),
+                                 (f"refused_{make}",))
+        assert rows == 0, table
+    from reindex_airflow.tasks import ensure_schema
+
+    expected = "does not exist" if make == "missing" else r"is empty: no \.txt, \.md, \.jsonl or \.parquet document"
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match=rf"corpus 'refused_{make}' at .* {expected}"):
+        ensure_schema({"corpus": f"refused_{make}", "corpus_uri": str(root)})
+
+
+def test_a_refused_model_upgrade_leaves_the_corpus_free(dagbag, corpus_dag, store_conn, tmp_path):
+    """An unknown target model fails the upgrade's first task (0 chunks touched); the corpus is not held, so
+    the next run takes it at once (on_busy=fail)."""
+    (tmp_path / "a.txt").write_text("Lighthouses warn ships of rocks at night.", encoding="utf-8")
+    dr = corpus_dag.test(run_conf={"corpus": "upgrade_refused", "corpus_uri": str(tmp_path)})
+    assert dr.state == "success", _ti_states(dr)
+    up = dagbag.get_dag("reindex_model_upgrade").test(run_conf={"corpus": "upgrade_refused",
+                                                                 "model": "no-such-org/no-such-model"})
+    assert up.state == "failed" and _failed(up) == ["prepare_upgrade"], _ti_states(up)
+    assert corpus_status(store_conn, "upgrade_refused")["lease"] is None
+    again = corpus_dag.test(run_conf={"corpus": "upgrade_refused", "corpus_uri": str(tmp_path), "on_busy": "fail"})
+    assert again.state == "success", _ti_states(again)
+
+
+def test_a_dead_runs_lease_is_taken_over_and_its_batch_abandoned(corpus_dag, store_conn, tmp_path):
+    """A run killed while holding the corpus (its DAG run no longer running) does not block the next run:
+    the lease is taken over at once, the dead batch is ABANDONED, its chunks are embedded by the new run."""
+    from reindex.store.batches import create_batch
+    from reindex.store.documents import ensure_corpus
+    from reindex.store.schema import ensure_schema
+
+    (tmp_path / "a.txt").write_text("Penguins huddle together to keep warm in winter storms.", encoding="utf-8")
+    ensure_schema(store_conn)
+    with store_conn.conn.transaction():
+        ensure_corpus(store_conn, "dead_holder")
+        create_batch(store_conn, "dead-batch", "dead_holder", "local", None, dag_run_id="manual__killed",
+                     dag_id="reindex_corpus")
+    from reindex.store import leases
+
+    assert leases.try_acquire(store_conn, "dead_holder", "dead-batch", "manual__killed",
+                              dag_id="reindex_corpus") is None
+    dr = corpus_dag.test(run_conf={"corpus": "dead_holder", "corpus_uri": str(tmp_path), "on_busy": "fail"})
+    assert dr.state == "success", _ti_states(dr)  # no such DAG run is running: taken over, not "busy"
+    (status,) = store_conn.one(sql.SQL("SELECT status FROM {} WHERE batch_id = 'dead-batch'").format(
+        store_conn.t("batches")))
+    st = corpus_status(store_conn, "dead_holder")
+    assert status == "ABANDONED" and st["chunks"]["READY"] == 1 and st["lease"] is None

@@ -130,21 +130,98 @@ def test_ten_thousand_chunks_with_partial_failures_and_a_healing_retry(dagbag, v
 
 
 @pytest.mark.parametrize("outcome", ["FAILED", "EXPIRED"])
-def test_a_failed_or_expired_job_fails_the_run_loudly(dagbag, vertex_env, store_conn, tmp_path, outcome):
+def test_a_failed_or_expired_job_is_retried_until_the_attempts_are_spent(dagbag, vertex_env, store_conn, tmp_path,
+                                                                          outcome):
+    """A job that ends FAILED/EXPIRED leaves its chunks JOB_FAILED — retriable, in a new job — until the policy's
+    attempts are spent; only then does the chain fail loudly."""
+    corpus = f"vertex_{outcome.lower()}"
     (tmp_path / "a.txt").write_text("one small document", encoding="utf-8")
     vertex_env.configure(outcome=outcome)
     dr = dagbag.get_dag("reindex_corpus").test(run_conf={
-        "corpus": f"vertex_{outcome.lower()}", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "corpus": corpus, "corpus_uri": str(tmp_path), "backend": "vertex",
         "model": "text-embedding-005", "output_dimensionality": 768})
-    assert dr.state == "failed"
     states = _states(dr)
-    assert states["submit_vertex_batch"] == "success" and states["fail_batch"] == "failed"
-    st = corpus_status(store_conn, f"vertex_{outcome.lower()}")
-    assert st["last_batch"]["status"] == "FAILED"
-    assert st["failed_by_reason"] == {"JOB_FAILED": 1}
-    (msg,) = store_conn.one(sql.SQL("SELECT error_message FROM {} WHERE corpus = %s").format(
-        store_conn.t("chunks")), (f"vertex_{outcome.lower()}",))
-    assert f"ended {outcome}" in msg
+    assert dr.state == "success" and states["trigger_retry"] == "success" and states["fail_batch"] == "skipped"
+    batch = corpus_status(store_conn, corpus)["last_batch"]
+    assert (batch["status"], batch["counts_by_reason"]) == ("FAILED", {"JOB_FAILED": 1})
+    for attempt in (1, 2, 3):
+        retry = dagbag.get_dag("reindex_retry").test(run_conf=_triggered_retry_conf(batch["batch_id"]))
+        batch = corpus_status(store_conn, corpus)["last_batch"]
+        assert (batch["kind"], batch["status"], batch["counts_by_reason"]) == ("retry", "FAILED", {"JOB_FAILED": 1})
+        if attempt < 3:
+            assert retry.state == "success" and _states(retry)["trigger_retry"] == "success", attempt
+    assert retry.state == "failed" and _states(retry)["fail_batch"] == "failed"
+    assert vertex_env.stats()["create_calls"] == 4  # the batch's job and one new job per retry attempt
+    (msg, retry_count) = store_conn.one(sql.SQL("SELECT error_message, retry_count FROM {} WHERE corpus = %s").format(
+        store_conn.t("chunks")), (corpus,))
+    assert f"ended {outcome}" in msg and retry_count == 3
+    assert corpus_status(store_conn, corpus)["lease"] is None
+
+
+def test_a_job_that_fails_after_partial_output_is_not_a_green_run(dagbag, vertex_env, store_conn, tmp_path):
+    """20 lines answered, then the job FAILED: 20 READY, 30 JOB_FAILED, and the retry run submits exactly those 30."""
+    rows = [json.dumps({"id": f"p{i:02d}", "text": f"partial output document number {i}"}) for i in range(50)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(rows), encoding="utf-8")
+    vertex_env.configure(outcome="FAILED", fail_after_lines=20, lines_per_file=10)
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": "vertex_partial", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "text-embedding-005", "output_dimensionality": 768})
+    assert dr.state == "success" and _states(dr)["trigger_retry"] == "success", _states(dr)
+    first = corpus_status(store_conn, "vertex_partial")["last_batch"]
+    assert (first["status"], first["ready"], first["counts_by_reason"]) == (
+        "COMPLETED_WITH_ERRORS", 20, {"JOB_FAILED": 30})
+    vertex_env.configure(outcome="auto")
+    retry = dagbag.get_dag("reindex_retry").test(run_conf=_triggered_retry_conf(first["batch_id"]))
+    assert retry.state == "success" and _states(retry)["done"] == "success", _states(retry)
+    st = corpus_status(store_conn, "vertex_partial")
+    assert (st["last_batch"]["kind"], st["last_batch"]["total"], st["last_batch"]["status"]) == (
+        "retry", 30, "COMPLETED")
+    assert st["chunks"] == {"READY": 50, "PENDING": 0, "FAILED": 0}
+    (vectors,) = store_conn.one(sql.SQL("SELECT count(*) FROM {}").format(store_conn.t(st["vector_table"])))
+    assert vectors == 50
+
+
+def test_a_refused_submit_is_its_own_reason(dagbag, vertex_env, store_conn, tmp_path):
+    """The job create is refused (403): the batch says SUBMIT_FAILED with the service's message, not
+    NOT_PROCESSED, and the run fails once, in fail_batch, with that reason."""
+    (tmp_path / "a.txt").write_text("a document nobody may embed", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("another document nobody may embed", encoding="utf-8")
+    vertex_env.configure(create_errors=[403])
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": "vertex_refused", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "text-embedding-005", "output_dimensionality": 768})
+    states = _states(dr)
+    assert dr.state == "failed"
+    assert [t for t, s in states.items() if s == "failed"] == ["fail_batch"], states
+    st = corpus_status(store_conn, "vertex_refused")
+    assert st["failed_by_reason"] == {"SUBMIT_FAILED": 2} and st["last_batch"]["status"] == "FAILED"
+    (msg, submit_error) = store_conn.one(sql.SQL("""SELECT c.error_message, b.details->>'submit_error' FROM {} c
+        JOIN {} b ON b.batch_id = c.batch_id WHERE c.corpus = 'vertex_refused' LIMIT 1""").format(
+        store_conn.t("chunks"), store_conn.t("batches")))
+    assert msg == submit_error and msg.startswith("batch job submit failed: ") and "403" in msg
+    assert vertex_env.stats()["create_calls"] == 1 and st["lease"] is None
+
+
+def test_a_vertex_run_without_a_project_is_refused_in_its_first_task(dagbag, vertex_env, store_conn, tmp_path,
+                                                                       monkeypatch):
+    (tmp_path / "a.txt").write_text("text", encoding="utf-8")
+    monkeypatch.delenv("REINDEX_VERTEX_PROJECT")
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from reindex_airflow.tasks import ensure_schema
+
+    with pytest.raises(AirflowFailException, match=r"backend 'vertex' needs a project: set REINDEX_VERTEX_PROJECT"):
+        ensure_schema({"corpus": "vertex_noproject", "corpus_uri": str(tmp_path), "backend": "vertex"})
+    dr = dagbag.get_dag("reindex_corpus").test(run_conf={
+        "corpus": "vertex_noproject", "corpus_uri": str(tmp_path), "backend": "vertex",
+        "model": "text-embedding-005", "output_dimensionality": 768})
+    states = _states(dr)
+    assert dr.state == "failed" and [t for t, s in states.items() if s == "failed"] == ["ensure_schema"], states
+    assert vertex_env.stats()["create_calls"] == 0
+    (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'vertex_noproject'").format(
+        store_conn.t("corpora")))
+    assert rows == 0  # refused before anything was written
 
 
 def test_gemini_embedding_batch_joined_by_key(dagbag, vertex_env, store_conn, tmp_path):

@@ -329,13 +329,6 @@ def _document_failures(store: Store, batch_id: str) -> tuple[int, dict[str, int]
     return sum(by_reason.values()), by_reason, samples
 
 
-def batch_usage(store: Store, batch_id: str) -> tuple[int, int]:
-    """(tokens, characters) of the chunks this batch embedded — tokens by the chunker's tokenizer."""
-    tokens, chars = store.one(sql.SQL("""SELECT coalesce(sum(token_count), 0), coalesce(sum(length(text)), 0)
-        FROM {} WHERE batch_id = %s AND embedding_status = 'READY'""").format(store.t("chunks")), (batch_id,))
-    return int(tokens), int(chars)
-
-
 def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                     policy: RetryPolicy | None = None, release_lease: bool = True) -> BatchSummary:
     """Close the batch: chunks still PENDING become FAILED (NOT_PROCESSED), counts and status persist.
@@ -400,12 +393,11 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                    + docs_txt)
     chain = lineage(store, batch_id)
     lineage_total, lineage_failed = _lineage_counts(store, chain)
-    tokens, characters = batch_usage(store, batch_id)
     store.execute(sql.SQL("""UPDATE {} SET status = %s, total = %s, ready = %s, failed = %s, encoded = %s,
-            counts_by_reason = %s, tokens = %s, finished_at = now(), details = details || %s
+            counts_by_reason = %s, finished_at = now(), details = details || %s
         WHERE batch_id = %s""").format(t("batches")),
-        (status.value, total, ready, failed, total, Jsonb(by_reason), tokens,
-         Jsonb({"retriable": retriable, "sample_errors": samples, "message": message, "characters": characters,
+        (status.value, total, ready, failed, total, Jsonb(by_reason),
+         Jsonb({"retriable": retriable, "sample_errors": samples, "message": message,
                 "failed_documents": failed_docs, "documents_by_reason": docs_by_reason,
                 "document_samples": doc_samples, "root_batch_id": chain[0] if chain else batch_id,
                 "lineage_total": lineage_total, "lineage_failed": lineage_failed}), batch_id))
@@ -416,8 +408,7 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                         reused_by_content=by_content, kept_failed=kept, message=message,
                         failed_documents=failed_docs, documents_by_reason=docs_by_reason,
                         document_samples=doc_samples, root_batch_id=chain[0] if chain else batch_id,
-                        lineage_total=lineage_total, lineage_failed=lineage_failed, tokens=tokens,
-                        characters=characters)
+                        lineage_total=lineage_total, lineage_failed=lineage_failed)
 
 
 def add_stage_seconds(store: Store, batch_id: str, stage: str, seconds: float) -> None:
