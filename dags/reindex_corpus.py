@@ -7,13 +7,13 @@ into the corpus's vector table, build the cosine index, and close the batch as
 
 | task | what it does |
 |---|---|
-| `ensure_schema` | validates Params, migrates the store schema, registers the model and its vector table |
+| `ensure_schema` | validates Params (and their combinations), the backend's settings and the corpus (exists, readable, not empty) before any write; migrates the store schema, registers the model and its vector table. A refusal fails this task alone, with its message |
 | `chunk_corpus` | takes the corpus's lease (waits or fails if another run writes it), streams the corpus (.txt/.md/.jsonl/.parquet), sanitizes, chunks new and changed documents only, merges documents and chunks (deleted documents lose theirs); a chunk whose text already has a vector is reused, only the rest are claimed |
 | `plan_partitions` | splits the claimed chunks into id ranges (≤ 256 mapped tasks) |
 | `encode_partition` | mapped: encodes a range and loads its vectors; failures are recorded per chunk |
 | `build_index` | HNSW (or IVFFlat) cosine index after the load, then ANALYZE |
-| `summarize` | batch status with counts by reason (see the task's XCom and log) |
-| `branch` | COMPLETED → `done`; COMPLETED_WITH_ERRORS → `trigger_retry` (a `reindex_retry` run for the retriable chunks); FAILED → `fail_batch` fails the run with the reasons |
+| `summarize` | batch status with counts by reason, failed documents, tokens and estimated cost (the task's XCom and log; the Reindex tab of the run) |
+| `branch` | chunks the retry policy still retries → `trigger_retry` (a `reindex_retry` run for them); else COMPLETED, or a FAILED share within `max_failed_ratio` → `done`; else `fail_batch` fails the run with the reasons |
 
 XCom carries manifests (ids, counts), never texts or vectors. Inspect a corpus from a shell with
 `python -m reindex status --corpus NAME`.

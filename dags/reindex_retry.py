@@ -6,7 +6,8 @@ Triggered by `reindex_corpus` (or by hand) with `{"batch_id": ...}`. Applies the
 3 attempts per chunk, 503s wait 30 s, too-long chunks are re-split, invalid characters are
 sanitized once, a daily quota waits for its window; everything else stays FAILED with its reason.
 Only failed chunks are resubmitted, in a new batch with its own status, and the run branches the
-same way as `reindex_corpus` (a further retry run while attempts remain).
+same way as `reindex_corpus`: a further retry run while attempts remain; when none remain, the
+chain's final FAILED share against the parent's `max_failed_ratio` decides success or failure.
 """
 
 from __future__ import annotations
