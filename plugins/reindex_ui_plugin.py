@@ -1,7 +1,7 @@
 """Registers the ``reindex`` UI plugin with Airflow's plugin manager (Airflow 3 UI, FastAPI).
 
 * ``fastapi_apps``: the plugin's pages and JSON API, mounted by the api-server at ``/reindex``
-  (``reindex_ui.app``); every route authenticates with Airflow's own JWT (bearer header or the UI's
+  (``reindex_ui.app``, imported on the first request: ``reindex_ui.asgi``); every route authenticates with Airflow's own JWT (bearer header or the UI's
   ``_token`` cookie) and asks the auth manager for the DAG permission it needs.
 * ``external_views``: a top-level "Reindex" entry in the navigation (the corpora overview) and a "Reindex"
   tab on every DAG run (the run's batches; a run of a DAG that is not a reindex DAG says so).
@@ -13,7 +13,7 @@ The views are served as plain HTML (no JS build) inside the UI's iframes.
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
-from reindex_ui.app import RUN_TAB_ROUTE, URL_PREFIX, app
+from reindex_ui.asgi import RUN_TAB_ROUTE, URL_PREFIX, app
 
 
 class ReindexUIPlugin(AirflowPlugin):

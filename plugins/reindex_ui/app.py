@@ -30,6 +30,7 @@ from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from fastapi import Body, Depends, FastAPI, Form, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from reindex_ui.asgi import URL_PREFIX
 from reindex_ui.render import render
 from reindex_ui.security import Permissions, check_csrf, csrf_token, get_user
 from reindex_ui.store import open_store
@@ -37,9 +38,6 @@ from reindex_ui.store import open_store
 from reindex.store import inspect
 
 log = logging.getLogger(__name__)
-
-URL_PREFIX = "/reindex"
-RUN_TAB_ROUTE = "reindex-run"  # the dag_run tab's ``url_route``: /dags/<dag>/runs/<run>/plugin/reindex-run
 
 CORPUS_DAG, RETRY_DAG, UPGRADE_DAG, NIGHTLY_DAG = "reindex_corpus", "reindex_retry", "reindex_model_upgrade", \
     "reindex_nightly"

@@ -159,6 +159,16 @@ def test_plugin_is_registered_with_its_views(api_app):
     assert len(mounted) == 1
 
 
+def test_loading_the_plugin_does_not_import_the_app():
+    """Every task process loads the plugins: the registration must stay light; the api-server imports the
+    app on its first request."""
+    code = ("import sys, reindex_ui_plugin; "
+            "heavy = [m for m in ('reindex_ui.app', 'fastapi', 'airflow.api_fastapi.core_api.security') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
 def test_every_route_needs_a_user_and_the_dag_permission(ui):
     from reindex_ui.app import app as plugin_app
 
