@@ -68,3 +68,15 @@ def test_storage_seeds_a_new_corpus_and_empty_is_the_default():
     with pytest.raises(ConfigError, match=r"entry 1 \('kb'\): storage 'float16' is not supported: choose one of "
                                           r"\['vector', 'halfvec'\]"):
         load_corpora("- {name: kb, uri: /x, storage: float16}\n", None)
+
+
+def test_the_variable_adds_to_the_repository_file_and_sample_stops_only_when_disabled():
+    """The Variable is merged with config/corpora.yaml: `sample` keeps running beside the Variable's
+    corpora until an entry disables it (the form the README and the DAG doc give)."""
+    file_text = DEFAULT_FILE.read_text()
+    confs = load_corpora(file_text, '[{"name": "kb", "uri": "/data/kb"}]')
+    assert [c["corpus"] for c in confs] == ["sample", "kb"]
+    off = '[{"name": "sample", "uri": "include/sample_corpus", "enabled": false}, {"name": "kb", "uri": "/data/kb"}]'
+    assert [c["corpus"] for c in load_corpora(file_text, off)] == ["kb"]
+    with pytest.raises(ConfigError, match=r"Variable 'reindex_corpora', entry 1 \('sample'\): missing uri"):
+        load_corpora(file_text, '[{"name": "sample", "enabled": false}]')
