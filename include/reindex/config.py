@@ -156,9 +156,17 @@ class ReindexConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ReindexConfig:
-        """Build from a Params / conf mapping, ignoring keys that are not configuration."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+        """Build from a Params / conf mapping (``None`` = the default). A key that is not configuration
+        — a typo such as ``max_token`` — is refused with its name and the valid ones, never ignored."""
+        import difflib
+
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise ConfigError(f"unknown parameter(s) {', '.join(hints)}: valid parameters are {', '.join(known)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -29,7 +29,14 @@ def test_bad_values_name_the_input_and_the_limit(override, message):
         ReindexConfig(**values)
 
 
-def test_from_mapping_ignores_foreign_keys_and_nones():
-    cfg = ReindexConfig.from_mapping({"corpus": "kb", "corpus_uri": "x", "model": None, "unrelated": 1})
+def test_from_mapping_takes_nones_as_defaults_and_round_trips():
+    cfg = ReindexConfig.from_mapping({"corpus": "kb", "corpus_uri": "x", "model": None})
     assert cfg.model == "all-MiniLM-L6-v2"
     assert ReindexConfig.from_mapping(cfg.to_dict()) == cfg
+
+
+def test_from_mapping_refuses_unknown_keys_by_name():
+    """A typo in a run's conf is an error that names it and the valid keys, not a silently ignored value."""
+    with pytest.raises(ConfigError, match=r"^unknown parameter\(s\) 'max_token' \(did you mean 'max_tokens'\?\), "
+                                          r"'zzz': valid parameters are backend, busy_wait_seconds, "):
+        ReindexConfig.from_mapping({"corpus": "kb", "corpus_uri": "x", "max_token": 100, "zzz": 1})
