@@ -13,6 +13,7 @@ small and the overhead *fraction* is an upper bound; ``--airflow-encoder real`` 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -68,6 +69,44 @@ def worker(p: dict) -> dict:
             "encoder": p.get("encoder", "stub"), "rss_mib": round(peak_rss_mib(), 1)}
 
 
+_PARSE = """
+import json, sys, time
+sys.path.insert(0, {plugins!r})
+from airflow.dag_processing.dagbag import DagBag
+t0 = time.monotonic()
+bag = DagBag(dag_folder={folder!r}, include_examples=False)
+print(json.dumps({{"seconds": time.monotonic() - t0, "dags": len(bag.dags), "errors": len(bag.import_errors)}}))
+"""
+
+
+def dag_parse(folder: Path, repeat: int = 3) -> dict:
+    """Seconds to parse ``folder`` into a DagBag in a fresh interpreter (Airflow already imported), best of
+    ``repeat`` — what the dag-processor pays per file pass."""
+    best: dict = {}
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", _PARSE.format(plugins=str(ROOT / "plugins"), folder=str(folder))],
+                             capture_output=True, text=True, env=os.environ, check=True, cwd=ROOT)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if not best or r["seconds"] < best["seconds"]:
+            best = r
+    return best
+
+
+def parse_benchmark() -> dict:
+    """The project's DAG folder against a one-DAG baseline folder (an empty DAG), parsed the same way."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "baseline.py").write_text(
+            "from airflow.sdk import dag\n\n@dag(dag_id='baseline', schedule=None)\ndef baseline():\n    pass\n\n"
+            "baseline()\n", encoding="utf-8")
+        base = dag_parse(Path(tmp))
+    ours = dag_parse(ROOT / "dags")
+    return {"dags": ours["dags"], "errors": ours["errors"], "seconds": round(ours["seconds"], 3),
+            "baseline_seconds": round(base["seconds"], 3),
+            "ratio": round(ours["seconds"] / base["seconds"], 2) if base["seconds"] else None}
+
+
 def run(data_dir: Path, *, docs: int = 1_040, encoder: str = "stub", seed: int = 3) -> dict:
     import psycopg
 
@@ -91,4 +130,5 @@ def run(data_dir: Path, *, docs: int = 1_040, encoder: str = "stub", seed: int =
         result["chunks"] = conn.execute("SELECT count(*) FROM reindex.chunks WHERE corpus = 'airflow_bench'"
                                         ).fetchone()[0]
     result["docs"] = docs
+    result["parse"] = parse_benchmark()
     return result

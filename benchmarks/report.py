@@ -79,6 +79,11 @@ def airflow_table(r: dict) -> str:
            f"| {_f(r['wall_s'])} | {_f(r['task_seconds'])} | {_f(r['overhead_s'])} | {r['overhead_fraction']:.1%} | "
            f"{r['task_instances']} |", "",
            "Task durations: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["by_task"].items() if v) + "."]
+    parse = r.get("parse")
+    if parse:
+        out += ["", f"Parsing the DAG folder ({parse['dags']} DAGs, {parse['errors']} import errors) takes "
+                    f"{parse['seconds']:.2f} s in a fresh interpreter, {parse['ratio']}× a one-DAG baseline folder "
+                    f"({parse['baseline_seconds']:.2f} s): nothing heavy is imported at parse time."]
     est = r.get("real_encoder_estimate")
     if est:
         out += ["", f"With the real encoder the task work grows by the encode time ({r['chunks']:,} chunks at "
