@@ -5,7 +5,6 @@ byte-for-byte, and a chunk whose text already has a vector reuses it."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from psycopg import sql
@@ -171,7 +170,7 @@ def test_a_text_already_embedded_elsewhere_in_the_corpus_is_reused(store, tmp_pa
     assert s2.message.startswith("nothing to embed") and "2 by content" in s2.message
 
 
-def test_two_runs_on_one_corpus_never_interleave(store, tmp_path, encoder, docs):
+def test_two_runs_on_one_corpus_never_interleave(store, tmp_path, encoder, docs, monkeypatch):
     """Run A holds the corpus while it encodes (slowly); B fails at once (on_busy=fail), C waits and
     starts only after A closed its batch, then finds nothing left to do."""
     _write(tmp_path, docs)
@@ -179,13 +178,26 @@ def test_two_runs_on_one_corpus_never_interleave(store, tmp_path, encoder, docs)
     cfg_b = ReindexConfig(corpus="inc", corpus_uri=str(tmp_path), on_busy="fail")
     cfg_c = ReindexConfig(corpus="inc", corpus_uri=str(tmp_path), max_tokens=64, overlap_tokens=8,
                           busy_wait_seconds=120)
-    encoding = threading.Event()
+    encoding, go_on = threading.Event(), threading.Event()
 
     class SlowEncoder(CountingEncoder):
+        """Holds A inside its batch (lease held) until the test has seen B refused and C waiting."""
+
         def encode(self, texts):
             encoding.set()
-            time.sleep(1.5)
+            assert go_on.wait(120), "the test never let A go on"
             return super().encode(texts)
+
+    c_asked = threading.Event()
+    real_try_acquire = leases.try_acquire
+
+    def try_acquire(store_, corpus, batch_id, *args, **kwargs):
+        holder = real_try_acquire(store_, corpus, batch_id, *args, **kwargs)
+        if batch_id == "batch_c" and holder is not None:
+            c_asked.set()  # C asked for the corpus and was told to wait
+        return holder
+
+    monkeypatch.setattr(leases, "try_acquire", try_acquire)
 
     import psycopg
 
@@ -209,6 +221,8 @@ def test_two_runs_on_one_corpus_never_interleave(store, tmp_path, encoder, docs)
     enc_c = CountingEncoder(encoder)
     c = threading.Thread(target=run, args=("c", cfg_c, enc_c))
     c.start()
+    assert c_asked.wait(60), "C never asked for the corpus"
+    go_on.set()
     a.join(120)
     c.join(120)
     err = results["b"]
