@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from reindex.store import inspect
-from tests.integration.test_inspect import Scenario, build_scenario
+from tests.integration.test_inspect import RESULT_FILE, Scenario, build_scenario
 
 pytestmark = pytest.mark.e2e
 
@@ -220,7 +220,7 @@ def test_overview(ui):
     assert size > 0 and "emb_kb_" in _text(kb, "vector-table")[0]
     assert _text(news, "pending-count") == ["2"] and _attr(news, "last-batch-status", "data-status") == ["RUNNING"]
     assert f"nightly__{s.nightly_run}__news" in _text(news, "lease")[0]
-    assert _text(news, "lease-run-state") == ["—"]  # no such run in Airflow: dead, may be freed…
+    assert _text(news, "lease-run-state") == ["not found"]  # no such run in Airflow: dead, may be freed…
     assert "release-form" not in news  # …but not by a viewer
     assert _text(news, "release-blocked") == ["(cannot free: you may not edit runs of reindex_corpus)"]
 
@@ -248,6 +248,8 @@ def test_run_tab_of_a_partly_failed_run(ui):
                                         "retriable")] == ["10", "6", "4", "1", "0"]
     assert _attr(html, "reason", "data-reason") == ["RATE_LIMITED", "INVALID_INPUT", "TOO_LONG"]
     assert _text(html, "reason-recorded") == ["2", "1", "1"] and _text(html, "reason-now") == ["0", "1", "0"]
+    assert _attr(html, "recorded-error", "data-chunk-id") == ["beta#1", "beta#2", "delta#1"]  # sampled at close
+    assert _text(html, "error-source")[:2] == [f"({RESULT_FILE} byte 2048 line 7)", f"({RESULT_FILE} byte 4096)"]
     (first,) = _text(html, "first-error")
     assert first == "gamma · gamma#1 · 400 invalid input: <script>alert(1)</script>"  # as text…
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # …never as markup
@@ -271,8 +273,16 @@ def test_run_tab_of_a_partly_failed_run(ui):
     assert b["failed_documents"]["rows"][0]["source_uri"] == "file:///corpora/kb/broken.jsonl"
 
 
-def test_run_tabs_of_the_other_dags(ui):
+def test_run_tabs_of_the_other_dags(ui, store):
+    from reindex.store.batches import create_batch
+    from tests.integration.test_inspect import SPEC
+
     client, s, tok = ui
+    create_batch(store, "kb-upgrade00001", "kb", "vertex", SPEC.checksum, kind="upgrade", dag_run_id="manual__up")
+    html = client.get("/reindex/runs/reindex_model_upgrade/manual__up", token=tok["operator"]).text
+    assert _attr(html, "batch", "data-batch-id") == ["kb-upgrade00001"]
+    assert _text(html, "retry-unavailable") == [
+        "Retry: an upgrade batch is resumed by running reindex_model_upgrade again"]
     html = client.get(f"/reindex/runs/reindex_retry/{s.retry_run}", token=tok["viewer"]).text
     assert _attr(html, "batch", "data-batch-id") == [s.retry]
     assert _attr(html, "batch-status", "data-status") == ["COMPLETED"] and 'class="card st-ok"' in html

@@ -235,6 +235,10 @@ def test_batch_detail(store, scenario):
     (err,) = d["first_errors"]["INVALID_INPUT"]
     assert (err["chunk_id"], err["doc_id"], err["error_message"], err["source"]) == (
         "gamma#1", "gamma", "400 invalid input: <script>alert(1)</script>", None)
+    # the RATE_LIMITED chunks now belong to the retry batch; the sample taken at close still names them
+    assert "RATE_LIMITED" not in d["first_errors"]
+    first = d["recorded_errors"]["RATE_LIMITED"][0]
+    assert (first["chunk_id"], first["source"]) == ("beta#1", {"uri": RESULT_FILE, "byte": 2048, "line": 7})
     (job,) = d["jobs"]
     assert (job["state"], job["project"], job["location"], job["job_id"]) == (
         "SUCCEEDED", "acme-prod", "europe-west4", "123456789")

@@ -280,6 +280,20 @@ def first_errors(store: Store, batch_id: str, *, per_reason: int = 3) -> dict[st
     return out
 
 
+def _recorded_errors(details: dict, per_reason: int) -> dict[str, list[dict]]:
+    """The failures ``summarize_batch`` sampled when the batch closed (``details.sample_errors``), by reason:
+    what the first errors were even after a retry batch took those chunks over."""
+    out: dict[str, list[dict]] = {}
+    for e in details.get("sample_errors") or []:
+        if not isinstance(e, dict):
+            continue
+        rows = out.setdefault(e.get("error_code") or "UNKNOWN", [])
+        if len(rows) < per_reason:
+            rows.append({"chunk_id": e.get("chunk_id"), "doc_id": e.get("doc_id"),
+                         "error_message": e.get("error_message"), "source": error_source(e.get("error_message"))})
+    return out
+
+
 def _jobs(details: dict) -> list[dict]:
     jobs = []
     for j in details.get("jobs") or []:
@@ -332,7 +346,8 @@ def batch_detail(store: Store, batch_id: str, *, per_reason: int = 3, policy: Re
     ``started_at``, ``finished_at``, ``seconds``; ``recorded`` (the batch row: ``total``, ``ready``,
     ``failed``, ``reused``, ``encoded``, ``counts_by_reason``); ``now`` (chunks carrying the batch id
     now: READY / PENDING / FAILED, ``failed_by_reason``); ``retriable`` (what a retry would claim now);
-    ``first_errors`` (``first_errors``); ``jobs`` (``details.jobs`` with ``console_url``), ``job_names``;
+    ``first_errors`` (``first_errors``: chunks the batch holds now) and ``recorded_errors`` (the sample
+    taken at close, by reason: ``chunk_id``, ``doc_id``, ``error_message``, ``source``); ``jobs`` (``details.jobs`` with ``console_url``), ``job_names``;
     ``usage`` (``tokens``, ``characters``, ``token_source``, ``cost`` — None where not recorded);
     ``stages`` (stage → seconds, None where not recorded); ``message``; ``failed_documents``
     (``count``, ``by_reason``).
@@ -363,6 +378,7 @@ def batch_detail(store: Store, batch_id: str, *, per_reason: int = 3, policy: Re
         "now": _now_counts(store, batch_id),
         "retriable": retriable_count(store, batch_id, policy),
         "first_errors": first_errors(store, batch_id, per_reason=per_reason),
+        "recorded_errors": _recorded_errors(details, per_reason),
         "jobs": _jobs(details),
         "job_names": list(row["job_names"] or []),
         "usage": _usage(row),
