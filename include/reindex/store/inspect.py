@@ -33,7 +33,7 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 5000
 MAX_PAGE_ROWS = 1000
 CHUNK_STATUSES = ("READY", "PENDING", "FAILED")
 _REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
-# Result-line failures name their source first: "<uri> byte <offset>[ line <n>]: <what>" (vertex/results.py).
+# Result-line failures name their source first: "<uri> byte <offset>[ line <n>]: <what>" (the Vertex result parser).
 _SOURCE = re.compile(r"^(?P<uri>\S+) byte (?P<byte>\d+)(?: line (?P<line>\d+))?: ")
 _JOB_NAME = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/batchPredictionJobs/(?P<id>[^/]+)$")
 
