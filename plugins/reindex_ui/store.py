@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import psycopg
 from fastapi import HTTPException, status
+from psycopg import sql
 
 from reindex.store import Store
 
@@ -51,7 +52,7 @@ def open_store(*, writable: bool = False) -> Iterator[Store]:
     try:
         with PgVectorHook(CONN_ID).store() as store:
             if writable:
-                store.execute(f"SET statement_timeout = {timeout}")
+                store.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(timeout)))
             else:
                 read_only(store, statement_timeout_ms=timeout)
             yield store
