@@ -378,15 +378,15 @@ def _task_init(p: dict) -> None:
     """One "task" process: its own connection, as each mapped ``ingest_results`` task has."""
     from reindex.backends import backend_for
     from reindex.store.vectors import get_embedding_store
-    from reindex.vertex import results
+    from reindex.vertex import parse
 
     variant = p.get("variant") or {}
     if "prefetch" in variant:
-        results.DEFAULT_PREFETCH = int(variant["prefetch"])
+        parse.DEFAULT_PREFETCH = int(variant["prefetch"])
     if "fast_values" in variant:
-        results.FAST_VALUES = bool(variant["fast_values"])
+        parse.FAST_VALUES = bool(variant["fast_values"])
     if "native" in variant:
-        results.NATIVE_VALUES = bool(variant["native"]) and results.native.vecparse is not None
+        parse.NATIVE_VALUES = bool(variant["native"]) and parse.native.vecparse is not None
     if variant.get("proposal"):
         from benchmarks import proposals
 
@@ -429,7 +429,8 @@ def method_project(p: dict) -> dict:
     partition after the other in this process; with ``tasks`` = N, N task processes (forked, each with its
     own connection, started before the clock) take the partitions in order, as N mapped task instances
     running at once do (the DAG allows 4: ``max_active_tis_per_dagrun``). Peak RSS is per task process."""
-    from reindex.vertex import batch, results
+    from reindex.vertex import batch
+    from reindex.vertex.ranges import group_by_partition, plan_ranges
 
     tasks = int(p.get("tasks") or 1)
     if p.get("gcs_url"):
@@ -438,8 +439,8 @@ def method_project(p: dict) -> dict:
         partitions = batch.plan_result_ranges(anonymous_client(p["gcs_url"]), [f"gs://{BUCKET}/{OUTPUT_DIR}"])
     else:
         files = [(f, Path(f).stat().st_size) for f in p["files"]]
-        partitions = [[r.to_dict() for r in group] for group in results.group_by_partition(
-            results.plan_ranges(files, target_bytes=batch.DEFAULT_RANGE_BYTES))]
+        partitions = [[r.to_dict() for r in group] for group in group_by_partition(
+            plan_ranges(files, target_bytes=batch.DEFAULT_RANGE_BYTES))]
     counts = {"ready": 0, "failed": 0, "lines": 0}
     if tasks == 1:
         _task_init(p)

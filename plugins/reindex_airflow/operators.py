@@ -135,7 +135,7 @@ class SubmitVertexBatchOperator(BaseOperator):
         """A submit error is final when retrying cannot help (4xx other than 429: configuration, permission,
         an unknown model) or when this is the task's last try."""
         from reindex.errors import ErrorCode
-        from reindex.vertex.results import classify_error
+        from reindex.vertex.classify import classify_error
 
         code = getattr(e, "code", None)
         kind = classify_error(int(code) if isinstance(code, int) else None, None, str(e))
@@ -161,7 +161,7 @@ class SubmitVertexBatchOperator(BaseOperator):
     @staticmethod
     def _is_daily_quota(e: Exception) -> bool:
         from reindex.errors import ErrorCode
-        from reindex.vertex.results import classify_error
+        from reindex.vertex.classify import classify_error
 
         code = getattr(e, "code", None)
         return classify_error(int(code) if isinstance(code, int) else None, None, str(e)) == ErrorCode.QUOTA_EXCEEDED

@@ -15,7 +15,7 @@ from reindex.backends import backend_for
 from reindex.config import ReindexConfig
 from reindex.store.vectors import get_embedding_store
 from reindex.vertex.batch import ingest_ranges
-from reindex.vertex.results import plan_ranges
+from reindex.vertex.ranges import plan_ranges
 
 DIM = 768
 PEAK_LIMIT = 64 * 1024 * 1024

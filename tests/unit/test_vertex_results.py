@@ -8,17 +8,11 @@ import orjson
 import pytest
 
 from reindex.errors import ErrorCode
+from reindex.vertex.classify import classify_error
 from reindex.vertex.formats import CLASSIC, GEMINI, content_key
-from reindex.vertex.results import (
-    ByteRange,
-    classify_error,
-    group_by_partition,
-    is_result_file,
-    iter_range_lines,
-    parse_lines,
-    plan_ranges,
-    stream_results,
-)
+from reindex.vertex.lines import iter_range_lines
+from reindex.vertex.parse import parse_lines, stream_results
+from reindex.vertex.ranges import ByteRange, group_by_partition, is_result_file, plan_ranges
 
 DIM = 8
 
@@ -401,7 +395,7 @@ class FakeBlob:
 
 
 def test_gcs_range_reader_reads_every_line_once_in_ranged_requests():
-    from reindex.vertex.results import _BlobRangeReader
+    from reindex.vertex.gcs import _BlobRangeReader
 
     rnd = random.Random(7)
     for trial in range(200):
@@ -422,10 +416,21 @@ def test_gcs_range_reader_reads_every_line_once_in_ranged_requests():
         reader.readinto(bytearray(2))
 
 
+def test_split_gs_uri_is_strict_about_the_bucket():
+    from reindex.vertex.gcs import split_gs_uri
+
+    assert split_gs_uri("gs://bkt/a/b.jsonl") == ("bkt", "a/b.jsonl")
+    assert split_gs_uri("gs://bkt") == ("bkt", "")
+    assert split_gs_uri("gs://bkt/out/") == ("bkt", "out/")
+    for bad in ("gs://", "gs:///x", "s3://bkt/x", "bkt/x", None):
+        with pytest.raises(ValueError, match="not a gs:// URI"):
+            split_gs_uri(bad)
+
+
 def test_gcs_adapters_against_the_emulator():
     gcs = pytest.importorskip("reindex.emulators.gcs")
+    from reindex.vertex.gcs import GcsRangeOpener, list_result_files
     from reindex.vertex.requests import GcsShardOpener, write_request_shards
-    from reindex.vertex.results import GcsRangeOpener, list_result_files
 
     with gcs.gcs_emulator(buckets=["bkt"]) as url:
         client = gcs.anonymous_client(url)

@@ -10,9 +10,10 @@ import numpy as np
 import orjson
 import pytest
 
-from reindex.vertex import results
+from reindex.vertex import parse
 from reindex.vertex.formats import CLASSIC, GEMINI
-from reindex.vertex.results import ByteRange, parse_lines, stream_results
+from reindex.vertex.parse import parse_lines, stream_results
+from reindex.vertex.ranges import ByteRange
 
 DIM = 8
 
@@ -22,11 +23,11 @@ pytest.importorskip("simdjson")
 @pytest.fixture(params=["native", "simdjson"])
 def values_parser(request, monkeypatch):
     """Which parser the fast path hands the cut-out values to (native: built by make)."""
-    if request.param == "native" and results.native.vecparse is None:
-        if results.native.compiler() is None:
+    if request.param == "native" and parse.native.vecparse is None:
+        if parse.native.compiler() is None:
             pytest.skip("no C compiler on this machine: the native parser cannot be built")
         raise AssertionError("native parser not built: run `python -m reindex.native` (make does)")
-    monkeypatch.setattr(results, "NATIVE_VALUES", request.param == "native")
+    monkeypatch.setattr(parse, "NATIVE_VALUES", request.param == "native")
     return request.param
 
 
@@ -83,7 +84,7 @@ def _numbered(lines):
 @pytest.mark.parametrize("family", [CLASSIC, GEMINI])
 def test_fast_path_matches_the_orjson_path(monkeypatch, family, values_parser):
     fast = parse_lines(_numbered(TRICKY), family, dim=DIM, source="f", first_line=1)
-    monkeypatch.setattr(results, "FAST_VALUES", False)
+    monkeypatch.setattr(parse, "FAST_VALUES", False)
     slow = parse_lines(_numbered(TRICKY), family, dim=DIM, source="f", first_line=1)
     assert fast.keys == slow.keys and fast.failures == slow.failures
     assert (fast.lines, fast.token_count, fast.duplicates) == (slow.lines, slow.token_count, slow.duplicates)
@@ -97,11 +98,11 @@ def test_fast_path_is_bit_identical_on_realistic_floats(monkeypatch, values_pars
     for i in range(200):
         v = rng.normal(size=768)
         lines.append(ok(f"text {i}", v / np.linalg.norm(v)))
-    splitter = results._ValuesSplitter(768)
+    splitter = parse._ValuesSplitter(768)
     assert (splitter._native is not None) == (values_parser == "native")
     assert all(splitter.split(line) is not None for line in lines)  # the fast path is taken
     fast = parse_lines(_numbered(lines), CLASSIC, dim=768)
-    monkeypatch.setattr(results, "FAST_VALUES", False)
+    monkeypatch.setattr(parse, "FAST_VALUES", False)
     slow = parse_lines(_numbered(lines), CLASSIC, dim=768)
     assert len(fast) == 200 and fast.keys == slow.keys
     assert fast.vectors.tobytes() == slow.vectors.tobytes()

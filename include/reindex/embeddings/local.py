@@ -26,6 +26,7 @@ import numpy as np
 from reindex.config import DEFAULT_MODEL
 from reindex.errors import ConfigError, ErrorCode
 from reindex.models import ModelSpec, model_id_for, model_revision, offline_hub, resolve_model_path
+from reindex.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +154,8 @@ class LocalEncoder:
 def _ahead(items, prepare, *, threaded: bool):
     """``(item, prepare(item))`` in order; with ``threaded`` the next item is prepared in a background
     thread while the caller works on the current one (tokenizing ahead of the GPU)."""
-    if not threaded:
-        for item in items:
-            yield item, prepare(item)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reindex-tokenize") as pool:
-        pending = None
-        for item in items:
-            future = pool.submit(prepare, item)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (item, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
+    pairs = ((item, prepare(item)) for item in items)
+    return prefetched(pairs, 0, name="reindex-tokenize") if threaded else pairs
 
 
 def classify_encoder_error(exc: BaseException) -> ErrorCode:

@@ -2,12 +2,14 @@
 
 Pure functions over file-like objects (no Airflow, no network): ``formats`` knows the two model
 families and their line formats, ``requests`` writes request shards split into jobs under the
-service limits, ``results`` partitions output files into byte ranges and parses them in bounded
-blocks. GCS enters only through small optional adapters that take an already-built client/bucket.
+service limits; ``ranges`` partitions output files into byte ranges, ``lines`` streams a range's
+lines, ``parse`` parses them in bounded blocks and ``classify`` maps Google errors to error codes.
+GCS enters only through small optional adapters (``gcs``) that take an already-built client/bucket.
 """
 
 from __future__ import annotations
 
+from reindex.vertex.classify import classify_error
 from reindex.vertex.formats import (
     CLASSIC,
     GEMINI,
@@ -19,6 +21,10 @@ from reindex.vertex.formats import (
     limits_for,
     request_line,
 )
+from reindex.vertex.gcs import GcsRangeOpener, list_result_files
+from reindex.vertex.lines import iter_range_lines
+from reindex.vertex.parse import BlockParser, LineFailure, ParsedBlock, parse_lines, stream_results
+from reindex.vertex.ranges import ByteRange, group_by_partition, is_result_file, plan_ranges
 from reindex.vertex.requests import (
     GcsShardOpener,
     JobInput,
@@ -26,21 +32,6 @@ from reindex.vertex.requests import (
     RequestPlan,
     ShardInfo,
     write_request_shards,
-)
-from reindex.vertex.results import (
-    BlockParser,
-    ByteRange,
-    GcsRangeOpener,
-    LineFailure,
-    ParsedBlock,
-    classify_error,
-    group_by_partition,
-    is_result_file,
-    iter_range_lines,
-    list_result_files,
-    parse_lines,
-    plan_ranges,
-    stream_results,
 )
 
 __all__ = [

@@ -19,15 +19,11 @@ from reindex.store import Store
 from reindex.store.batches import iter_pending_texts, mark_missing
 from reindex.store.vectors import EmbeddingStore, load_vectors_by_hash, mark_failed_by_hash
 from reindex.vertex.formats import Family
+from reindex.vertex.gcs import GcsRangeOpener, list_result_files
+from reindex.vertex.lines import DEFAULT_READ_BLOCK
+from reindex.vertex.parse import stream_results
+from reindex.vertex.ranges import ByteRange, group_by_partition, plan_ranges
 from reindex.vertex.requests import GcsShardOpener, write_request_shards
-from reindex.vertex.results import (
-    DEFAULT_READ_BLOCK,
-    ByteRange,
-    GcsRangeOpener,
-    list_result_files,
-    plan_ranges,
-    stream_results,
-)
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +64,9 @@ def plan_result_ranges(storage_client, output_dirs: list[str], *, target_bytes: 
     """Partitions of the jobs' result files (predictions_*/errors_*): lists of byte ranges as dicts."""
     files = [f for d in output_dirs for f in list_result_files(storage_client, d)]
     ranges = plan_ranges(files, target_bytes=target_bytes, max_partitions=max_partitions)
-    groups: dict[int, list[dict]] = {}
-    for r in ranges:
-        groups.setdefault(r.index, []).append(r.to_dict())
+    groups = [[r.to_dict() for r in group] for group in group_by_partition(ranges)]
     log.info("%d result file(s), %d bytes, in %d partition(s)", len(files), sum(s for _, s in files), len(groups))
-    return [groups[k] for k in sorted(groups)]
+    return groups
 
 
 def ingest_ranges(store: Store, emb: EmbeddingStore, spec: ModelSpec, batch_id: str, ranges: list[dict],

@@ -44,9 +44,18 @@ TASK_TYPES = frozenset({
     "QUESTION_ANSWERING", "FACT_VERIFICATION", "CODE_RETRIEVAL_QUERY",
 })
 
+# The model tables (one place: the settings' model specs and the emulator read them from here).
 CLASSIC_MODELS = ("text-embedding-005", "text-multilingual-embedding-002")
 CLASSIC_PREFIXES = ("textembedding-gecko",)
 GEMINI_MODELS = ("gemini-embedding-001",)
+CLASSIC_DIM = 768  # output dimension of every classic model: its default and its maximum
+GEMINI_DIM = 3072  # gemini-embedding-001's default and maximum output dimension
+# Default output dimension of each supported model (a ``textembedding-gecko*`` model has none here).
+MODEL_DIMS = {**dict.fromkeys(CLASSIC_MODELS, CLASSIC_DIM), **dict.fromkeys(GEMINI_MODELS, GEMINI_DIM)}
+# What the service itself takes as a classic embedding model (the emulator's check): every
+# text-embedding, text-multilingual-embedding and gecko model, also those this client does not
+# support (text-embedding-004).
+SERVICE_CLASSIC_PREFIXES = ("textembedding-gecko", "text-embedding-", "text-multilingual-embedding-")
 _PUBLISHER_PREFIX = "publishers/google/models/"
 
 

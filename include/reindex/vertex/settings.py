@@ -7,10 +7,7 @@ from dataclasses import dataclass
 
 from reindex.errors import ConfigError
 from reindex.models import ModelSpec
-from reindex.vertex.formats import CLASSIC, family_for
-
-# Default output dimension per model (gemini-embedding-001 defaults to 3072; classic models to 768).
-DEFAULT_DIMS = {"text-embedding-005": 768, "text-multilingual-embedding-002": 768, "gemini-embedding-001": 3072}
+from reindex.vertex.formats import CLASSIC, GEMINI_DIM, MODEL_DIMS, family_for
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,10 @@ def vertex_model_spec(model: str, output_dimensionality: int | None = None) -> M
     family = family_for(model)
     name = model.rsplit("/", 1)[-1]
     base, _, revision = name.partition("@")
-    dim = output_dimensionality or DEFAULT_DIMS.get(base)
+    dim = output_dimensionality or MODEL_DIMS.get(base)
     if not dim:
         raise ConfigError(f"model {model!r} has no known default dimension: set output_dimensionality")
     # Classic models return unit vectors; gemini-embedding-001 only at its full 3072 dimensions.
-    normalized = family == CLASSIC or dim == 3072
+    normalized = family == CLASSIC or dim == GEMINI_DIM
     return ModelSpec(model_id=base, revision=revision or "default", dim=dim, normalized=normalized,
                      backend="vertex", precision="service")
