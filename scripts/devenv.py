@@ -25,9 +25,10 @@ neighbours, the dimension Vertex gives. A job asking another dimension fails wit
 message (``gemini-embedding-001``: 3072 by default; ask 768).
 
 Stopping: Ctrl-C (or SIGTERM/SIGHUP to this launcher) gives the command one SIGINT — ``airflow
-standalone``'s clean stop — then the emulators get SIGTERM once it has exited (see ``run``). The
-command and the emulators run in process groups of their own; if the launcher itself is killed,
-Linux's parent-death signal stops them (SIGINT to the command, SIGTERM to the emulators).
+standalone``'s clean stop — then the emulators stop once it has exited (see ``run``). The command
+and the emulators run in process groups of their own. If the launcher itself is killed, the
+command gets Linux's parent-death signal (SIGINT) and the emulators see their lifeline pipe close
+(``_LIFELINE``), so nothing outlives it.
 """
 
 from __future__ import annotations
@@ -152,10 +153,60 @@ def _vertex_config(model: Path) -> dict:
     return {} if "local_model" in user or user.get("embedder") == "hash" else {"local_model": str(model)}
 
 
-def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple[dict[str, str], list]:
+# Run inside each emulator process, in front of its module: a thread blocks on the launcher's pipe and,
+# when the pipe closes (the launcher stops the emulators, or dies and the kernel closes its end), sends
+# SIGTERM to the emulator's MAIN thread. The emulators stop on SIGTERM from their main thread's sleep;
+# a process-wide signal (kill, or Linux's parent-death signal) may be taken by a server thread and leave
+# that sleep running, so the signal is aimed at the main thread.
+_LIFELINE = """\
+import os, runpy, signal, sys, threading
+fd = int(os.environ.pop("REINDEX_LIFELINE_FD"))
+main = threading.main_thread().ident
+def watch():
+    while os.read(fd, 64):
+        pass
+    signal.pthread_kill(main, signal.SIGTERM)
+threading.Thread(target=watch, name="launcher-lifeline", daemon=True).start()
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+class Emulators:
+    """The emulator processes and the write end of their lifeline pipe (see ``_LIFELINE``)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self._read, self._write = os.pipe()
+        os.set_inheritable(self._read, True)
+
+    def spawn(self, module: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-c", _LIFELINE, module, *args],
+                                    env={**env, "REINDEX_LIFELINE_FD": str(self._read)}, pass_fds=(self._read,),
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the lifeline (each emulator SIGTERMs its main thread: its clean stop), wait, then
+        SIGKILL whatever still runs after ``timeout`` seconds."""
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._read = self._write = -1
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple[dict[str, str], Emulators]:
     """Start the GCS and Vertex emulators as child processes, wait until both answer.
 
-    Returns (the environment that points the Vertex backend at them, the processes).
+    Returns (the environment that points the Vertex backend at them, the running ``Emulators``).
     """
     for port, what, var in ((gcs_port, "GCS", "GCS_PORT"), (vertex_port, "Vertex", "VERTEX_PORT")):
         if _port_taken(port):
@@ -169,22 +220,19 @@ def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     gcs_url, vertex_url = f"http://127.0.0.1:{gcs_port}", f"http://127.0.0.1:{vertex_port}"
     commands = [
-        ("gcs", [sys.executable, "-m", "reindex.emulators.gcs", "--host", "127.0.0.1", "--port", str(gcs_port),
-                 "--bucket", BUCKET], f"{gcs_url}/storage/v1/b"),
-        ("vertex", [sys.executable, "-m", "reindex.emulators.vertex", "--host", "127.0.0.1", "--port",
-                    str(vertex_port), "--gcs-host", gcs_url, "--config", json.dumps(_vertex_config(model))],
+        ("gcs", "reindex.emulators.gcs", ["--host", "127.0.0.1", "--port", str(gcs_port), "--bucket", BUCKET],
+         f"{gcs_url}/storage/v1/b"),
+        ("vertex", "reindex.emulators.vertex", ["--host", "127.0.0.1", "--port", str(vertex_port), "--gcs-host",
+                                                gcs_url, "--config", json.dumps(_vertex_config(model))],
          f"{vertex_url}/emulator/health"),
     ]
-    procs: list[subprocess.Popen] = []
+    emulators = Emulators()
     try:
-        for name, cmd, health in commands:
+        for name, module, args, health in commands:
             log = logs / f"{name}.log"
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True, preexec_fn=_die_with_parent()))
-            _wait_ready(procs[-1], health, log)
+            _wait_ready(emulators.spawn(module, args, env, log), health, log)
     except BaseException:
-        stop_emulators(procs)
+        emulators.stop()
         raise
     conn = {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "emulator"}}
     out_env = {
@@ -195,20 +243,7 @@ def start_emulators(gcs_port: int, vertex_port: int, data: Path = DATA) -> tuple
         "REINDEX_VERTEX_POLL_SECONDS": os.environ.get("REINDEX_VERTEX_POLL_SECONDS", "5"),
         "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(conn),
     }
-    return out_env, procs
-
-
-def stop_emulators(procs: list) -> None:
-    """SIGTERM (the emulators' clean stop), then SIGKILL whatever is still running after 10 s."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    return out_env, emulators
 
 
 # --- make airflow --------------------------------------------------------------------------------------
@@ -232,7 +267,7 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
         env.update(setup())
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])  # standalone spawns `airflow …` itself
-    procs: list[subprocess.Popen] = []
+    emulators: Emulators | None = None
     child: subprocess.Popen | None = None
     stopping: dict[str, float] = {}
 
@@ -253,11 +288,11 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
 
     try:
         if backend == "vertex":
-            google_env, procs = start_emulators(gcs_port, vertex_port)
+            google_env, emulators = start_emulators(gcs_port, vertex_port)
             env.update(google_env)
             print(f"Vertex emulator {google_env['REINDEX_VERTEX_ENDPOINT']} (text-embedding-005: {EMULATOR_DIM}-d), "
-                  f"GCS emulator {google_env['STORAGE_EMULATOR_HOST']}, bucket {BUCKET}; logs in {DATA / 'emulators'}",
-                  flush=True)
+                  f"GCS emulator {google_env['STORAGE_EMULATOR_HOST']}, bucket {BUCKET}; logs in {DATA / 'emulators'}; "
+                  f"pids {' '.join(str(p.pid) for p in emulators.procs)}", flush=True)
         if not command:
             subprocess.run([os.path.join(bin_dir, "airflow"), "db", "migrate"], env=env, check=True,
                            stdout=subprocess.DEVNULL)
@@ -283,7 +318,8 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
         if child is not None:
             kill_group()  # components the command left behind (none after a clean stop)
             child.wait()
-        stop_emulators(procs)
+        if emulators is not None:
+            emulators.stop()
 
 
 def main(argv: list[str]) -> int:

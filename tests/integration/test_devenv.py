@@ -33,12 +33,26 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait(condition, what: str, timeout: float = 60.0) -> None:
+def _wait(condition, what: str, timeout: float = 60.0, diagnose=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; {diagnose()}")
         time.sleep(0.1)
+
+
+def _ps(pids: list[int]) -> str:
+    """State, signal masks and threads of ``pids`` (what a stuck process is doing)."""
+    out = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        keep = [ln for ln in status.splitlines() if ln.split(":")[0] in ("Name", "State", "SigBlk", "SigIgn",
+                                                                         "SigCgt", "Threads", "PPid")]
+        out.append(f"pid {pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')} {keep}")
+    return "; ".join(out) or "no such processes"
 
 
 SLEEPER = [sys.executable, "-c", "import os, time; print('up', os.getpid(), flush=True); time.sleep(600)"]
@@ -46,19 +60,19 @@ SLEEPER = [sys.executable, "-c", "import os, time; print('up', os.getpid(), flus
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
 
 
-def _read_until_up(proc: subprocess.Popen) -> int:
+def _read_until_up(proc: subprocess.Popen) -> tuple[int, list[int]]:
     """Read the launcher's output until its command printed 'up <pid>' (the emulators answered before
-    that); the command's pid."""
-    seen = []
+    that): the command's pid and the emulators' pids (from the launcher's banner)."""
+    seen: list[str] = []
     for line in proc.stdout:
         if line.startswith("up "):
-            return int(line.split()[1])
+            banner = next(ln for ln in seen if ln.startswith("Vertex emulator "))
+            return int(line.split()[1]), [int(p) for p in banner.rsplit("pids ", 1)[1].split()]
         seen.append(line)
     raise AssertionError(f"launcher ended (rc {proc.wait()}) before its command started: {''.join(seen)[-3000:]}")
 
@@ -132,12 +146,12 @@ def test_sigterm_to_the_launcher_stops_the_command_and_the_emulators(data_dir):
     ports = (_free_port(), _free_port())
     proc = _launcher(data_dir, ports, SLEEPER, stdout=subprocess.PIPE, text=True)
     try:
-        pid = _read_until_up(proc)
-        assert _listening(ports[0]) and _listening(ports[1])
+        pid, emulators = _read_until_up(proc)
+        assert _listening(ports[0]) and _listening(ports[1]) and all(_alive(p) for p in emulators)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # as a shell reports a SIGTERMed command
         assert not _alive(pid)  # it got SIGINT (standalone's clean stop), then its group was cleared
-        assert not _listening(ports[0]) and not _listening(ports[1])
+        assert not any(_alive(p) for p in emulators)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -146,17 +160,19 @@ def test_sigterm_to_the_launcher_stops_the_command_and_the_emulators(data_dir):
 def test_a_killed_launcher_takes_the_emulators_down(data_dir):
     ports = (_free_port(), _free_port())
     proc = _launcher(data_dir, ports, SLEEPER, stdout=subprocess.PIPE, text=True)
-    pid = None
+    pid, emulators = None, []
     try:
-        pid = _read_until_up(proc)
-        assert _listening(ports[0]) and _listening(ports[1])
+        pid, emulators = _read_until_up(proc)
+        assert _listening(ports[0]) and _listening(ports[1]) and all(_alive(p) for p in emulators)
         proc.send_signal(signal.SIGKILL)  # no cleanup code runs in the launcher
         proc.wait(timeout=30)
-        _wait(lambda: not _listening(ports[0]) and not _listening(ports[1]), "the emulators to stop (parent-death)")
-        _wait(lambda: not _alive(pid), "the command to stop (parent-death SIGINT)")
+        _wait(lambda: not any(_alive(p) for p in emulators), "the emulators to stop (parent-death SIGTERM)",
+              diagnose=lambda: _ps(emulators))
+        _wait(lambda: not _alive(pid), "the command to stop (parent-death SIGINT)", diagnose=lambda: _ps([pid]))
     finally:
-        if pid is not None and _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        for p in [pid, *emulators]:
+            if p is not None and _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_a_taken_port_is_refused_with_the_way_out(data_dir):
