@@ -25,6 +25,29 @@ pytestmark = pytest.mark.e2e
 QUERY = "How do plants turn sunlight into chemical energy?"
 
 
+# `airflow dags test reindex_model_upgrade` in this process, with the encoder stopping for good once the first
+# partition (100 chunks) is through: it touches argv[2] and waits to be killed.
+_KILLABLE_UPGRADE = """
+import pathlib, sys, threading
+from reindex.embeddings.local import LocalEncoder
+
+real, done, marker = LocalEncoder.encode, [0], pathlib.Path(sys.argv[2])
+
+def encode(self, texts):
+    if done[0] >= 100:
+        marker.touch()
+        threading.Event().wait()
+    done[0] += len(texts)
+    return real(self, texts)
+
+LocalEncoder.encode = encode
+from airflow.__main__ import main
+conf = sys.argv[1]
+sys.argv = ["airflow", "dags", "test", "reindex_model_upgrade", "--conf", conf]
+main()
+"""
+
+
 def _building_table(store, corpus):
     row = store.one(sql.SQL("SELECT table_name FROM {} WHERE corpus = %s AND status = 'BUILDING'").format(
         store.t("embedding_stores")), (corpus,))
@@ -49,22 +72,22 @@ def test_upgrade_killed_resumed_and_switched_atomically(dagbag, store_conn, stor
     assert before["model"]["dim"] == 384 and total > 200
 
     conf = {"corpus": corpus, "model": str(model_768), "dimension": 768, "partition_size": 100}
-    # 1. an upgrade killed mid-way (SIGKILL of the whole Airflow process, after its first partition loaded)
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "dags", "test", "reindex_model_upgrade",
-                             "--conf", json.dumps(conf)], env=os.environ, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # 1. an upgrade killed mid-way (SIGKILL of the whole Airflow process) once its first partition is loaded:
+    # the process stops inside its second partition's encode (whatever the machine's speed) and says so.
+    blocked, log_file = tmp_path / "blocked", (tmp_path / "upgrade.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_UPGRADE, json.dumps(conf), str(blocked)],
+                            env=os.environ, cwd=ROOT, start_new_session=True, stdout=log_file, stderr=log_file)
     deadline = time.monotonic() + 240
-    table = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        table = table or _building_table(store_conn, corpus)
-        if table and _count(store_conn, table) >= 100:
-            break
-        time.sleep(0.1)
+    while not blocked.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a condition: the child's marker file
+    assert blocked.exists(), (f"the upgrade never reached its second partition (exit code {proc.poll()}): "
+                              + (tmp_path / "upgrade.log").read_text(errors="replace")[-3000:])
+    table = _building_table(store_conn, corpus)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert table, "the upgrade never created its vector table"
     done = _count(store_conn, table)
-    assert 100 <= done < total
+    assert done == 100 < total  # exactly the first partition
     # the corpus still serves the old model, searches answer; the dead run's lease is freed by hand
     st = corpus_status(store_conn, corpus)
     assert st["model"]["checksum"] == old_checksum and st["lease"] is not None
@@ -102,7 +125,10 @@ def test_upgrade_killed_resumed_and_switched_atomically(dagbag, store_conn, stor
     t = threading.Thread(target=reader)
     t.start()
     dr = dagbag.get_dag("reindex_model_upgrade").test(run_conf=conf)
-    time.sleep(0.5)
+    seen = len(answers)
+    deadline = time.monotonic() + 60
+    while len(answers) < seen + 2 and not errors and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait for the reader to answer at least once more after the switch
     stop.set()
     t.join(30)
     assert dr.state == "success", {ti.task_id: ti.state for ti in dr.get_task_instances()}
