@@ -1,6 +1,6 @@
 """Vertex AI batch embedding model families, their request line formats and job limits.
 
-Two families (see PRODUCT.md, "Google facts"):
+Two families (README "Google batch facts"):
 
 * ``classic`` — ``text-embedding-005``, ``text-multilingual-embedding-002``, ``textembedding-gecko*``.
   Input line ``{"content": text, "task_type": ...}``. The output echoes the instance, so results

@@ -63,7 +63,7 @@ Blank input lines are skipped.
   "embed_content_config": {"output_dimensionality"?: int, "task_type"?: str, "title"?: str,
   "auto_truncate"?: bool}}}`` (camelCase spellings accepted); success line ``{"key", "request",
   "response": {"embedding": {"values": [...]}}}``; failure line ``{"key", "request", "status":
-  {"code", "message"}}``. *Choice:* PRODUCT.md documents only the input; like Vertex's Gemini
+  {"code", "message"}}``. *Choice:* the Google facts this project relies on document only the input; like Vertex's Gemini
   batch output, failures stay in the predictions files, marked by a non-empty ``status`` (an
   object, so the code survives); ``gemini_failures_in_errors_file`` moves them to errors files.
 
