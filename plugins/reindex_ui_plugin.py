@@ -13,6 +13,7 @@ The views are served as plain HTML (no JS build) inside the UI's iframes.
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
+
 from reindex_ui.asgi import RUN_TAB_ROUTE, URL_PREFIX, app
 
 

@@ -151,7 +151,7 @@ def _search(args) -> int:
 
 
 def _unlock(args) -> int:
-    from reindex.store.leases import get_lease, release
+    from reindex.store.leases import free, get_lease
 
     with _store(args) as store:
         _known_corpus(store, args.corpus)
@@ -159,8 +159,9 @@ def _unlock(args) -> int:
         if holder.free:
             print(f"corpus {args.corpus!r} is not leased")
             return 0
-        release(store, args.corpus, holder.batch_id)
-    print(f"released corpus {args.corpus!r} from run {holder.run_id} (batch {holder.batch_id})")
+        abandoned = free(store, args.corpus, holder.batch_id, "its lease was freed by hand (python -m reindex unlock)")
+    print(f"released corpus {args.corpus!r} from run {holder.run_id} (batch {holder.batch_id}"
+          + (f", ABANDONED with {abandoned} unfinished chunk(s) left for the next run)" if abandoned else ")"))
     return 0
 
 

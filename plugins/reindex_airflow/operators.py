@@ -184,7 +184,7 @@ class SubmitVertexBatchOperator(BaseOperator):
             add_stage_seconds(store, batch_id, "vertex_wait", waited)
         from reindex_airflow.tasks import _metrics
 
-        _metrics().vertex_jobs_waited(waited, infos)
+        _metrics().vertex_jobs_waited(waited, infos, corpus=self.manifest["config"]["corpus"], batch_id=batch_id)
         for i in infos:
             self.log.info("job %s ended %s: %s%s", i["name"], i["state"], i["completion_stats"],
                           f" error {i['error']}" if i["error"] else "")

@@ -110,6 +110,7 @@ def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
                                 dag_id=getattr(dag_run, "dag_id", None), holder_alive=_holder_alive)
     waited = (datetime.now(UTC) - dag_run.start_date).total_seconds() if dag_run and dag_run.start_date else 0.0
     if holder is None:
+        _metrics().lease_waited(cfg.corpus, waited, batch_id=batch_id, run_id=getattr(dag_run, "run_id", None))
         return
     if cfg.on_busy == OnBusy.FAIL:
         raise AirflowFailException(leases.busy_message(cfg.corpus, holder))
@@ -151,7 +152,7 @@ def _holder_alive(holder) -> bool | None:
         log.info("could not ask Airflow for the state of run %s/%s (%s); using the lease heartbeat",
                  holder.dag_id, holder.run_id, e)
         return None
-    return str(state) in _LIVE_RUN_STATES
+    return str(getattr(state, "value", state)).lower() in _LIVE_RUN_STATES  # a DagRunState enum or its text
 
 
 def chunk_corpus(prepared: dict, dag_run=None) -> dict:
@@ -170,7 +171,7 @@ def chunk_corpus(prepared: dict, dag_run=None) -> dict:
                                          dag_id=dag_run.dag_id)
         _remember_config(store, batch_id, cfg)
         add_stage_seconds(store, batch_id, "chunk", manifest["seconds"])
-    _metrics().log_event("chunked", **{k: manifest.get(k) for k in (
+    _metrics().log_event("reindex.chunked", **{k: manifest.get(k) for k in (
         "batch_id", "corpus", "documents", "unchanged_documents", "failed_documents", "deleted_documents",
         "chunks", "pending", "reused", "seconds")})
     return {**manifest, "config": cfg.to_dict()}
@@ -221,7 +222,7 @@ def encode_partition(partition: dict, manifest: dict) -> dict:
         add_stage_seconds(store, manifest["batch_id"], "encode", out["seconds"])
         record_partition_usage(store, manifest["batch_id"], f"encode_partition/{partition['index']}",
                                seconds=out["seconds"])
-    _metrics().partition_done("encode", out, corpus=cfg.corpus)
+    _metrics().partition_done("encode", out, corpus=cfg.corpus, backend="local", batch_id=manifest["batch_id"])
     return out
 
 
@@ -302,7 +303,7 @@ def ingest_results(ranges: list[dict], manifest: dict) -> dict:
         add_stage_seconds(store, manifest["batch_id"], "ingest", out.get("seconds") or 0.0)
         record_partition_usage(store, manifest["batch_id"], f"ingest_results/{_ranges_key(ranges)}",
                                reported_tokens=int(out.get("tokens") or 0), seconds=out.get("seconds") or 0.0)
-    _metrics().partition_done("ingest", out, corpus=cfg.corpus)
+    _metrics().partition_done("ingest", out, corpus=cfg.corpus, backend="vertex", batch_id=manifest["batch_id"])
     return out
 
 

@@ -30,12 +30,12 @@ from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from fastapi import Body, Depends, FastAPI, Form, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from reindex.store import inspect
 from reindex_ui.asgi import URL_PREFIX
 from reindex_ui.render import render
 from reindex_ui.security import Permissions, check_csrf, csrf_token, get_user
 from reindex_ui.store import open_store
-
-from reindex.store import inspect
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +379,7 @@ def release_action(request: Request, user: BaseUser, corpus: str, batch_id: str 
     ``ABANDONED`` and its unfinished chunks become FAILED ``ABANDONED`` (retriable: the next run claims them),
     in one transaction under the corpus's advisory lock.
     """
-    from reindex.store import corpus_lock_key
-    from reindex.store.leases import abandon_batch, release
+    from reindex.store import leases
 
     check_csrf(request, user, supplied_csrf)
     perms = Permissions(user)
@@ -406,12 +405,11 @@ def release_action(request: Request, user: BaseUser, corpus: str, batch_id: str 
                             "the corpus")
     reason = (f"its lease was freed by {user.get_name()} from the reindex view; Airflow run "
               f"{dag}/{lease['run_id']}: {state or 'not found'}")
-    with open_store(writable=True) as store, store.conn.transaction():
-        store.execute("SELECT pg_advisory_xact_lock(%s)", (corpus_lock_key(corpus),))
-        if not release(store, corpus, batch_id):
-            raise HTTPException(status.HTTP_409_CONFLICT, f"corpus {corpus!r}: the lease of batch {batch_id} was "
-                                                          "already given back")
-        abandoned = abandon_batch(store, batch_id, reason)
+    with open_store(writable=True) as store:
+        abandoned = leases.free(store, corpus, batch_id, reason)
+    if abandoned is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"corpus {corpus!r}: the lease of batch {batch_id} was "
+                                                      "already given back")
     log.warning("reindex UI: %s freed corpus %s from run %s/%s (batch %s, run state %s; %d unfinished chunks "
                 "ABANDONED)", user.get_name(), corpus, dag, lease["run_id"], batch_id, state, abandoned)
     return {"corpus": corpus, "released": True, "batch_id": batch_id, "dag_id": dag, "run_id": lease["run_id"],

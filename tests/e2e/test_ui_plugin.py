@@ -505,9 +505,8 @@ def test_served_by_a_real_api_server(ui_env, store, tmp_path):
 
 
 def test_nightly_child_prefix_matches_the_nightly_dag():
-    from reindex_ui.app import nightly_child_prefix
-
     from reindex_airflow.nightly import child_run_id
+    from reindex_ui.app import nightly_child_prefix
 
     assert child_run_id("scheduled__2026-11-29T02:00:00+00:00", "kb").startswith(
         nightly_child_prefix("scheduled__2026-11-29T02:00:00+00:00"))

@@ -39,12 +39,6 @@ def _run(store, cfg: ReindexConfig, batch_id: str, encoder) -> dict:
     return pipeline.finish_batch(store, cfg, batch_id, HASH_SPEC.checksum).to_dict()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a chunk whose text changed keeps its old vector row when its new text fails: CorpusWriter.merge "
-    "(include/reindex/store/documents.py) resets the chunk to PENDING with the new hash but leaves the row in "
-    "the vector table, and mark_failed / mark_failed_by_hash / mark_missing / summarize_batch's NOT_PROCESSED "
-    "only update chunks; search() joins vectors to chunks by chunk_pk alone, so the FAILED chunk is still "
-    "returned, with its new text scored by its old vector"))
 def test_an_edited_document_that_fails_to_embed_keeps_no_stale_vector(store, tmp_path):
     corpus = "fault_stale_vector"
     root = tmp_path / "kb"

@@ -2,7 +2,7 @@
 SIGKILL in the middle of its load (512 of 600 chunks READY, 88 PENDING, its batch RUNNING, the lease its
 own). Once Airflow has failed that run, the next run takes the corpus over, the dead batch is ABANDONED and
 its unfinished chunks are embedded by the new run. While the holder's run is still running, the next run
-must be refused instead (xfail: it is not — see the reason on that test)."""
+must be refused instead."""
 
 from __future__ import annotations
 
@@ -134,10 +134,6 @@ def test_a_lost_workers_half_done_batch_is_abandoned_and_finished_by_the_next_ru
         "chunks": {"READY": 600, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 600}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plugins/reindex_airflow/tasks.py _holder_alive compares str(state) with {'queued', 'running'}, but the Task "
-    "SDK returns a DagRunState (str, Enum) whose str() is 'DagRunState.RUNNING': every holder whose state can be "
-    "asked counts as dead, so a RUNNING run's lease is taken over and its batch ABANDONED"))
 def test_a_running_runs_lease_is_not_taken_over(corpus_dag, airflow_run, store_conn, tmp_path):
     """The holder's DAG run is running (its worker may be busy for hours): the next run with on_busy=fail is
     refused in chunk_corpus, and the holder keeps the corpus and its batch."""

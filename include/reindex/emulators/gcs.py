@@ -102,15 +102,15 @@ def anonymous_client(url: str | None = None, project: str = "emulator"):
 def serve_until_stopped(*stops: Callable[[], None]) -> None:
     """Block until Ctrl-C or SIGTERM (``docker stop``), then run ``stops`` in order."""
     import signal
-    import time
+    import threading
 
-    def _interrupt(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
+    stopped = threading.Event()
+    # The handler only sets an event: a signal delivered while a server thread runs Python can no longer be
+    # lost in the main thread's long sleep (docker stop, the launcher's SIGTERM).
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
-        while True:
-            time.sleep(3600)
+        while not stopped.wait(1.0):
+            pass
     except KeyboardInterrupt:
         pass
     finally:

@@ -108,6 +108,10 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
                 batch_id = CASE WHEN c.batch_id = %s THEN NULL ELSE c.batch_id END
             WHERE c.corpus = %s AND (c.embedding_status <> 'READY' OR c.batch_id = %s) AND {current}""").format(
             chunks=t("chunks"), current=current), (batch_id, corpus, batch_id))
+    # A vector whose chunk's text changed since it was computed is no longer the chunk's (reuse above took what
+    # it could): drop it, so a chunk whose new text fails never keeps serving its old vector.
+    store.execute(sql.SQL("""DELETE FROM {emb} e USING {chunks} c WHERE e.chunk_pk = c.id AND c.corpus = %s
+        AND e.content_sha256 <> c.content_sha256""").format(emb=t(emb.table_name), chunks=t("chunks")), (corpus,))
     kept_failed = 0
     if kept_codes:
         (kept_failed,) = store.one(sql.SQL("SELECT count(*) FROM {chunks} c WHERE c.corpus = %s AND {keep}").format(

@@ -101,6 +101,10 @@ def abandon_batch(store: Store, batch_id: str, reason: str) -> int:
     """Close a dead run's batch as ``ABANDONED``: its unfinished (PENDING) chunks become FAILED ``ABANDONED``
     (retriable: the next run claims them again). Returns how many chunks were left unfinished."""
     t = store.t
+    (running,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE batch_id = %s AND status = 'RUNNING'").format(
+        t("batches")), (batch_id,))
+    if not running:  # closed already (or never opened): its chunks are its summary's business
+        return 0
     n = store.execute(sql.SQL("""UPDATE {} SET embedding_status = 'FAILED', error_code = 'ABANDONED',
             error_message = %s, updated_at = now() WHERE batch_id = %s AND embedding_status = 'PENDING'""").format(
         t("chunks")), (f"abandoned: {reason}"[:2000], batch_id)).rowcount
@@ -172,6 +176,18 @@ def heartbeat(store: Store, corpus: str, batch_id: str) -> None:
     """Show the lease's holder is alive (long runs touch it from every task)."""
     store.execute(sql.SQL("UPDATE {} SET lease_heartbeat_at = now() WHERE corpus = %s AND lease_batch_id = %s").format(
         store.t("corpora")), (corpus, batch_id))
+
+
+def free(store: Store, corpus: str, batch_id: str, reason: str) -> int | None:
+    """Free a dead run's lease by hand (the CLI's ``unlock``, the UI's action): under the corpus lock, give back
+    the lease of ``batch_id`` and close that batch ``ABANDONED`` as a takeover would (its unfinished chunks
+    become FAILED ``ABANDONED``, retriable). Returns the unfinished chunk count, or None when ``batch_id`` no
+    longer held the lease."""
+    with store.conn.transaction():
+        store.execute("SELECT pg_advisory_xact_lock(%s)", (corpus_lock_key(corpus),))
+        if not release(store, corpus, batch_id):
+            return None
+        return abandon_batch(store, batch_id, reason)
 
 
 def release(store: Store, corpus: str, batch_id: str | None = None) -> bool:

@@ -38,7 +38,7 @@ def search(store: Store, corpus: str, query_vector: np.ndarray, k: int = 5, *, e
     with store.conn.transaction():
         store.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(max(ef_search, k))))
         rows = store.execute(sql.SQL("""SELECT c.chunk_id, c.doc_id, 1 - (e.embedding <=> %s::{type}) AS score, c.text
-            FROM {emb} e JOIN {chunks} c ON c.id = e.chunk_pk
+            FROM {emb} e JOIN {chunks} c ON c.id = e.chunk_pk AND c.content_sha256 = e.content_sha256
             ORDER BY e.embedding <=> %s::{type} LIMIT %s""").format(
             emb=store.t(emb.table_name), chunks=store.t("chunks"), type=sql.Identifier(emb.storage)),
             (vec, vec, k)).fetchall()
