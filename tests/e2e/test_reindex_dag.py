@@ -300,3 +300,29 @@ def test_a_dead_runs_lease_is_taken_over_and_its_batch_abandoned(corpus_dag, sto
         store_conn.t("batches")))
     st = corpus_status(store_conn, "dead_holder")
     assert status == "ABANDONED" and st["chunks"]["READY"] == 1 and st["lease"] is None
+
+
+def test_a_run_emits_its_metrics_and_cost(corpus_dag, store_conn, tmp_path):
+    """During a dag.test() run the named reindex metrics arrive at a real StatsD (UDP) listener, through Airflow's
+    own [metrics] configuration; the batch row keeps tokens, the (zero) local cost and seconds per stage."""
+    from tests.udp_listener import statsd_listener
+
+    for i, text in enumerate(["Owls hunt at night.", "Salmon swim upstream to spawn.", "Moss grows on stones."]):
+        (tmp_path / f"m{i}.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "broken.txt").write_bytes(b"\xff\xfe not text")
+    with statsd_listener() as statsd:
+        dr = corpus_dag.test(run_conf={"corpus": "metrics_e2e", "corpus_uri": str(tmp_path)})
+        statsd.sync()
+    assert dr.state == "success", _ti_states(dr)
+    counters = statsd.counters("airflow.reindex.")
+    assert counters["airflow.reindex.chunks.ready"] == 3
+    assert counters["airflow.reindex.batches.COMPLETED_WITH_ERRORS"] == 1  # a document could not be read
+    assert counters["airflow.reindex.tokens"] > 0
+    timings = statsd.timings("airflow.reindex.")
+    assert {"airflow.reindex.encode.seconds", "airflow.reindex.batch.seconds"} <= set(timings)
+    tokens, cost_usd, details = store_conn.one(sql.SQL("""SELECT tokens, cost_usd, details FROM {}
+        WHERE dag_run_id = %s""").format(store_conn.t("batches")), (dr.run_id,))
+    assert tokens == counters["airflow.reindex.tokens"] and float(cost_usd) == 0.0
+    assert details["cost"]["unit"] and details["failed_documents"] == 1
+    assert details["documents_by_reason"] == {"DECODE_ERROR": 1}
+    assert {"chunk", "encode", "index"} <= set(details["stages"])
