@@ -17,6 +17,7 @@ help:
 	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
 	@echo "make test     set up if needed and run every test (unit, integration, DAG, end-to-end)"
 	@echo "make airflow  start Airflow (standalone) on the embedded database: UI at http://localhost:8080"
+	@echo "              BACKEND=vertex also starts the GCS + Vertex emulators and points the Google path at them"
 	@echo "make status   python -m reindex status --corpus sample"
 	@echo "make lint     ruff"
 	@echo "make db-stop  stop the embedded PostgreSQL under .data/pg"
