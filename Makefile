@@ -11,11 +11,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv native demo test test-fast airflow status lint lock db-stop clean bench
+.PHONY: help venv native browser demo test test-fast airflow status lint lock db-stop clean bench
 
 help:
 	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
-	@echo "make test     set up if needed and run every test (unit, integration, DAG, end-to-end)"
+	@echo "make test     set up if needed and run every test (unit, integration, DAG, end-to-end, browser)"
+	@echo "make browser  install Debian's chromium for the browser test if /usr/bin/chromium is missing (root)"
 	@echo "make airflow  start Airflow (standalone) on the embedded database: UI at http://localhost:8080"
 	@echo "              BACKEND=vertex also starts the GCS + Vertex emulators and points the Google path at them"
 	@echo "make status   python -m reindex status --corpus sample"
@@ -37,10 +38,22 @@ venv: $(STAMP)
 native: $(STAMP)
 	$(BIN)/python -m reindex.native --optional
 
+# The browser test (tests/e2e/test_browser.py) drives Debian's chromium through the pip playwright package's
+# driver; Playwright's own browser downloads are never used. Installed once, as root; a no-op when present.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "make browser: $(CHROMIUM) is missing and installing it needs root:" >&2; \
+	  echo "  sudo apt-get install -y --no-install-recommends chromium   (Debian), or run make as root" >&2; \
+	  exit 1; \
+	fi; \
+	apt-get update -qq && apt-get install -y --no-install-recommends chromium && test -x $(CHROMIUM)
+
 demo: native
 	$(BIN)/python scripts/demo.py --backend $(BACKEND)
 
-test: native
+test: native browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
