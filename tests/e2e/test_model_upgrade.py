@@ -25,8 +25,9 @@ pytestmark = pytest.mark.e2e
 QUERY = "How do plants turn sunlight into chemical energy?"
 
 
-# `airflow dags test reindex_model_upgrade` in this process, with the encoder stopping for good once the first
-# partition (100 chunks) is through: it touches argv[2] and waits to be killed.
+# `airflow dags test reindex_model_upgrade` in this process, with the encoder stopping for good once a first
+# partition (of up to 100 chunks) is through and at least 100 texts are encoded: it writes that count to argv[2]
+# and waits to be killed.
 _KILLABLE_UPGRADE = """
 import pathlib, sys, threading
 from reindex.embeddings.local import LocalEncoder
@@ -35,7 +36,7 @@ real, done, marker = LocalEncoder.encode, [0], pathlib.Path(sys.argv[2])
 
 def encode(self, texts):
     if done[0] >= 100:
-        marker.touch()
+        marker.write_text(str(done[0]))  # how many texts went through: mapped tasks may run in any order
         threading.Event().wait()
     done[0] += len(texts)
     return real(self, texts)
@@ -87,7 +88,7 @@ def test_upgrade_killed_resumed_and_switched_atomically(dagbag, store_conn, stor
     proc.wait(30)
     assert table, "the upgrade never created its vector table"
     done = _count(store_conn, table)
-    assert done == 100 < total  # exactly the first partition
+    assert done == int(blocked.read_text()) and 100 <= done < total  # exactly what was encoded before the stop
     # the corpus still serves the old model, searches answer; the dead run's lease is freed by hand
     st = corpus_status(store_conn, corpus)
     assert st["model"]["checksum"] == old_checksum and st["lease"] is not None

@@ -147,6 +147,23 @@ def _wait(runs: list[tuple[str, str]], logs, timeout: float = 300) -> dict:
     raise AssertionError(f"runs did not finish: {states}; logs: {tails}")
 
 
+def _wait_backfills_done(logs, timeout: float = 300) -> None:
+    """Until the scheduler has marked every backfill of reindex_nightly complete (one at a time per DAG)."""
+    from airflow import settings
+    from airflow.models.backfill import Backfill
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with settings.Session() as session:
+            running = session.query(Backfill).filter(Backfill.dag_id == "reindex_nightly",
+                                                     Backfill.completed_at.is_(None)).count()
+        if not running:
+            return
+        time.sleep(2)
+    tails = {n: Path(p).read_text()[-3000:] for n, p in logs.items()}
+    raise AssertionError(f"a backfill of reindex_nightly is still running; logs: {tails}")
+
+
 def _ti_states(run_id: str) -> dict:
     from airflow import settings
     from airflow.models.taskinstance import TaskInstance
@@ -232,7 +249,8 @@ def test_a_night_run_again_runs_again(services, corpus_dir, store_uri):
     assert (entry["batch_id"], entry["run_id"], entry["status"], entry["ok"]) == (b2[0], second, "COMPLETED", True)
 
     # 5. a backfill with reprocessing clears the night (its third clear): new corpus run, new batch, named
-    # by the report. (The first backfill is long complete by now: one backfill at a time per DAG.)
+    # by the report. (One backfill at a time per DAG: wait until the scheduler has closed the first.)
+    _wait_backfills_done(logs)
     _cli(env, *backfill, "--reprocess-behavior", "completed")
     fourth = f"{first}__rerun3"
     assert _wait([("reindex_nightly", NIGHT), ("reindex_corpus", fourth)], logs) == {

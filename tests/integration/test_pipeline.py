@@ -42,7 +42,9 @@ def test_local_batch_end_to_end(store, corpus_dir, encoder):
     manifest, results, summary = _run(store, cfg, corpus_dir, "b1", encoder)
     assert manifest["documents"] == 3 and manifest["failed_documents"] == 1
     assert manifest["document_failures"][0]["error_code"] == "DECODE_ERROR"
-    assert summary.status.value == "COMPLETED" and summary.ready == manifest["chunks"] == 3
+    # every chunk READY, but a document could not be read: not plain success
+    assert summary.status.value == "COMPLETED_WITH_ERRORS" and summary.ready == manifest["chunks"] == 3
+    assert (summary.failed, summary.failed_documents, summary.documents_by_reason) == (0, 1, {"DECODE_ERROR": 1})
     assert sum(r["ready"] for r in results) == 3
     q = encoder.encode(["how do plants make sugar from light"])[0]
     assert search(store, "kb", q, k=1)[0].doc_id == "photo.txt"
@@ -53,7 +55,7 @@ def test_local_batch_end_to_end(store, corpus_dir, encoder):
 
     # a second run re-embeds nothing; force re-embeds everything
     m2, _, s2 = _run(store, cfg, corpus_dir, "b2", encoder)
-    assert (m2["pending"], m2["reused"], s2.status.value, s2.total) == (0, 3, "COMPLETED", 0)
+    assert (m2["pending"], m2["reused"], s2.status.value, s2.total) == (0, 3, "COMPLETED_WITH_ERRORS", 0)
     forced = ReindexConfig(corpus="kb", corpus_uri=str(corpus_dir), partition_size=100, force=True)
     m3, _, s3 = _run(store, forced, corpus_dir, "b3", encoder)
     assert (m3["pending"], s3.ready) == (3, 3)
