@@ -34,24 +34,23 @@ used (the configured `model` only seeds a new corpus); `reindex_model_upgrade` c
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
+from reindex import settings
 from reindex_airflow import nightly as n
 
 
 @dag(
     dag_id="reindex_nightly",
-    schedule=os.environ.get("REINDEX_NIGHTLY_CRON", "0 2 * * *"),
+    schedule=settings.nightly_cron(),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     # Not on first boot: a new deployment (whose Airflow may create DAGs unpaused) does not start a
     # night of every configured corpus at once; unpausing it, or this variable, is the operator's ask.
-    is_paused_upon_creation=os.environ.get("REINDEX_NIGHTLY_ACTIVE", "false").strip().lower() not in (
-        "1", "true", "yes"),
+    is_paused_upon_creation=not settings.nightly_active(),
     max_active_runs=1,
     doc_md=__doc__,
     tags=["reindex", "pgvector", "nightly"],
@@ -66,7 +65,7 @@ def reindex_nightly():
         trigger_dag_id="reindex_corpus",
         wait_for_completion=True,
         deferrable=True,
-        poke_interval=int(os.environ.get("REINDEX_NIGHTLY_POKE_SECONDS", "30")),
+        poke_interval=settings.nightly_poke_seconds(),
         allowed_states=["success"],
         failed_states=["failed"],
         # Clearing this task (not the whole night) finds its corpus run already there: clear and

@@ -20,7 +20,6 @@ Every entry is validated here, with errors naming the source, the entry and the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,9 @@ _NOT_CONFIG = {"enabled"}
 
 
 def corpora_file() -> Path:
-    return Path(os.environ.get("REINDEX_CORPORA_FILE") or DEFAULT_FILE)
+    from reindex.settings import corpora_file as from_env
+
+    return from_env(DEFAULT_FILE)
 
 
 def parse_entries(text: str | None, source: str) -> list[dict[str, Any]]:

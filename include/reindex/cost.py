@@ -24,7 +24,6 @@ are ``char_length(text)`` (Unicode code points), the unit Vertex bills the class
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,7 +126,10 @@ def load_prices(path: str | Path | None = None) -> dict[str, Price]:
     import yaml
 
     table = dict(PRICES)
-    path = path if path is not None else os.environ.get(PRICES_ENV) or None
+    if path is None:
+        from reindex.settings import prices_file
+
+        path = prices_file()
     if path is None:
         return table
     path = Path(path)

@@ -34,15 +34,10 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls) -> RetryPolicy:
-        """``REINDEX_RETRY_BACKOFF`` ("5,10,20"), ``REINDEX_RETRY_UNAVAILABLE_SECONDS``, ``REINDEX_RETRY_MAX_ATTEMPTS``."""
-        import os
+        """The policy with the environment's knobs (``reindex.settings.retry_policy_values``)."""
+        from reindex.settings import retry_policy_values
 
-        env = os.environ
-        backoff = tuple(float(x) for x in env.get("REINDEX_RETRY_BACKOFF", "5,10,20").split(",") if x.strip())
-        return cls(backoff_seconds=backoff,
-                   unavailable_seconds=float(env.get("REINDEX_RETRY_UNAVAILABLE_SECONDS", "30")),
-                   max_attempts=int(env.get("REINDEX_RETRY_MAX_ATTEMPTS", "3")),
-                   quota_wait_seconds=float(env.get("REINDEX_QUOTA_RESET_SECONDS", "3600")))
+        return cls(**retry_policy_values())
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ did not run or did not succeed: a re-run night is never green on an older batch.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -199,9 +198,10 @@ def _migrate(store) -> None:
 
 def drop_retired_stores() -> list[str]:
     """Drop vector tables of models replaced more than ``REINDEX_STORE_RETENTION_HOURS`` ago (default 168)."""
+    from reindex.settings import store_retention_hours
     from reindex.store.vectors import drop_retired_stores as _drop
 
-    hours = float(os.environ.get("REINDEX_STORE_RETENTION_HOURS", "168"))
+    hours = store_retention_hours()
     with PgVectorHook().store() as store:
         _migrate(store)
         return _drop(store, retention_seconds=hours * 3600)

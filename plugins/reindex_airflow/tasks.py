@@ -8,7 +8,6 @@ Configuration and input errors become ``AirflowFailException`` (no task retry ca
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,7 +18,6 @@ from reindex_airflow.hooks import PgVectorHook
 
 log = logging.getLogger(__name__)
 
-GCP_CONN_ID = os.environ.get("REINDEX_GCP_CONN_ID", "google_cloud_default")
 
 
 @contextmanager
@@ -47,11 +45,15 @@ def corpus_root(uri: str):
     if "://" in uri:
         from airflow.sdk import ObjectStoragePath
 
-        conn_id = GCP_CONN_ID if uri.startswith("gs://") else None
+        from reindex.settings import gcp_conn_id
+
+        conn_id = gcp_conn_id() if uri.startswith("gs://") else None
         return ObjectStoragePath(uri, conn_id=conn_id)
     path = Path(uri).expanduser()
     if not path.is_absolute():
-        path = Path(os.environ.get("REINDEX_CORPUS_ROOT", os.getcwd())) / path
+        from reindex.settings import corpus_root as base
+
+        path = base() / path
     return path
 
 
@@ -116,7 +118,9 @@ def _take_corpus(store, cfg, batch_id: str, dag_run) -> None:
         raise AirflowFailException(leases.busy_message(cfg.corpus, holder))
     if waited >= cfg.busy_wait_seconds:
         raise AirflowFailException(leases.busy_message(cfg.corpus, holder, waited))
-    poll = float(os.environ.get("REINDEX_LEASE_POLL_SECONDS", "30"))
+    from reindex.settings import lease_poll_seconds
+
+    poll = lease_poll_seconds()
     log.info("%s Checking again in %.0f s (waited %.0f of busy_wait_seconds=%d).",
              leases.busy_message(cfg.corpus, holder), poll, waited, cfg.busy_wait_seconds)
     raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=poll))
@@ -468,10 +472,11 @@ def choose_upgrade_step(summary: dict, params: dict | None = None) -> str:
 def switch_model(manifest: dict, params: dict | None = None) -> dict:
     """Make the upgraded store the corpus's active one (atomic), then drop stores past retention."""
     from reindex import pipeline
+    from reindex.settings import store_retention_hours
 
     hours = (params or {}).get("retention_hours")
     if hours is None:
-        hours = float(os.environ.get("REINDEX_STORE_RETENTION_HOURS", "168"))
+        hours = store_retention_hours()
     with PgVectorHook().store() as store:
         out = pipeline.finish_upgrade(store, manifest["corpus"], manifest["batch_id"], manifest["model_checksum"],
                                       retention_seconds=float(hours) * 3600)

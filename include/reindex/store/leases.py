@@ -18,7 +18,6 @@ The dead holder's batch is closed as ``ABANDONED`` and its unfinished chunks bec
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +60,9 @@ class Lease:
 
 
 def lease_ttl_seconds() -> int:
-    return int(os.environ.get("REINDEX_LEASE_TTL_SECONDS", DEFAULT_TTL_SECONDS))
+    from reindex.settings import lease_ttl_seconds as from_env
+
+    return from_env()
 
 
 def get_lease(store: Store, corpus: str) -> Lease:

@@ -29,6 +29,8 @@ class VertexSettings:
 
     @classmethod
     def from_env(cls) -> VertexSettings:
+        from reindex.settings import gcp_conn_id
+
         env = os.environ
         project = env.get("REINDEX_VERTEX_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT")
         if not project:
@@ -39,7 +41,7 @@ class VertexSettings:
             bucket=env.get("REINDEX_GCS_BUCKET", "reindex-batches"),
             prefix=env.get("REINDEX_GCS_PREFIX", "reindex").strip("/"),
             api_endpoint=env.get("REINDEX_VERTEX_ENDPOINT") or None,
-            gcp_conn_id=env.get("REINDEX_GCP_CONN_ID", "google_cloud_default"),
+            gcp_conn_id=gcp_conn_id(),
             poll_interval=float(env.get("REINDEX_VERTEX_POLL_SECONDS", "30")),
             quota_reset_seconds=float(env.get("REINDEX_QUOTA_RESET_SECONDS", "3600")),
         )

@@ -1,0 +1,91 @@
+"""The environment the project reads, in one place: each variable, its default and its meaning.
+
+Vertex's own settings (project, location, endpoint, bucket…) are ``reindex.vertex.settings.VertexSettings``
+(built from the same environment, validated together); the emulators read their own flags. Everything
+else that depends on the environment asks here, so a default is written once (README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from reindex.errors import ConfigError
+
+
+def _number(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} is out of range: must be at least {minimum:g}")
+    return value
+
+
+def store_retention_hours() -> float:
+    """``REINDEX_STORE_RETENTION_HOURS``: how long a replaced model's vector table is kept (default 168)."""
+    return _number("REINDEX_STORE_RETENTION_HOURS", 168.0)
+
+
+def lease_ttl_seconds() -> int:
+    """``REINDEX_LEASE_TTL_SECONDS``: a lease whose holder's run state cannot be asked, silent this long, is
+    taken over (default 6 h)."""
+    return int(_number("REINDEX_LEASE_TTL_SECONDS", 6 * 3600.0))
+
+
+def lease_poll_seconds() -> float:
+    """``REINDEX_LEASE_POLL_SECONDS``: how often a run waiting for a busy corpus asks again (default 30)."""
+    return _number("REINDEX_LEASE_POLL_SECONDS", 30.0, minimum=0.1)
+
+
+def gcp_conn_id() -> str:
+    """``REINDEX_GCP_CONN_ID``: the Airflow Google connection for credentials (default ``google_cloud_default``)."""
+    return os.environ.get("REINDEX_GCP_CONN_ID") or "google_cloud_default"
+
+
+def corpus_root() -> Path:
+    """``REINDEX_CORPUS_ROOT``: the base of relative ``corpus_uri`` paths (default: the working directory)."""
+    return Path(os.environ.get("REINDEX_CORPUS_ROOT") or os.getcwd())
+
+
+def corpora_file(default: Path) -> Path:
+    """``REINDEX_CORPORA_FILE``: the nightly corpus list (default ``config/corpora.yaml``)."""
+    return Path(os.environ.get("REINDEX_CORPORA_FILE") or default)
+
+
+def prices_file() -> str | None:
+    """``REINDEX_PRICES_FILE``: a YAML price table that overrides the built-in one."""
+    return os.environ.get("REINDEX_PRICES_FILE") or None
+
+
+def nightly_cron() -> str:
+    """``REINDEX_NIGHTLY_CRON``: the schedule of ``reindex_nightly`` (default ``0 2 * * *``, UTC)."""
+    return os.environ.get("REINDEX_NIGHTLY_CRON") or "0 2 * * *"
+
+
+def nightly_active() -> bool:
+    """``REINDEX_NIGHTLY_ACTIVE``: ``true`` creates ``reindex_nightly`` unpaused (default: paused)."""
+    return os.environ.get("REINDEX_NIGHTLY_ACTIVE", "false").strip().lower() in ("1", "true", "yes", "on")
+
+
+def nightly_poke_seconds() -> int:
+    """``REINDEX_NIGHTLY_POKE_SECONDS``: how often the deferred nightly wait checks its corpus runs (default 30)."""
+    return int(_number("REINDEX_NIGHTLY_POKE_SECONDS", 30.0, minimum=1.0))
+
+
+def retry_policy_values() -> dict:
+    """``REINDEX_RETRY_BACKOFF`` (``5,10,20``), ``REINDEX_RETRY_UNAVAILABLE_SECONDS`` (30),
+    ``REINDEX_RETRY_MAX_ATTEMPTS`` (3), ``REINDEX_QUOTA_RESET_SECONDS`` (3600): the retry policy's knobs."""
+    raw = os.environ.get("REINDEX_RETRY_BACKOFF", "5,10,20")
+    try:
+        backoff = tuple(float(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"REINDEX_RETRY_BACKOFF={raw!r} must be comma-separated seconds, e.g. 5,10,20") from None
+    return {"backoff_seconds": backoff,
+            "unavailable_seconds": _number("REINDEX_RETRY_UNAVAILABLE_SECONDS", 30.0),
+            "max_attempts": int(_number("REINDEX_RETRY_MAX_ATTEMPTS", 3.0)),
+            "quota_wait_seconds": _number("REINDEX_QUOTA_RESET_SECONDS", 3600.0)}
