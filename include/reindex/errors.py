@@ -1,19 +1,39 @@
-"""Error taxonomy: exceptions raised by the core and the per-chunk error codes it records."""
+"""Error taxonomy: the exceptions the core raises on purpose, each terminal or transient by type, and the
+per-chunk (and per-document) error codes it records.
+
+An exception's kind is its type, never its text (as dlt's ``TerminalException`` / ``TransientException``):
+a ``TerminalError`` means the same input cannot succeed on a retry (the run fails for good, with the
+message); a ``TransientError`` means it may succeed later. The Airflow layer maps the two in one place
+(``plugins/reindex_airflow/failures.py``). Per-chunk failures are not exceptions: they are ``ErrorCode``
+values on the chunk, and ``reindex.retry.decide`` says what happens to each.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from reindex.store.leases import Lease
+
+
+class TerminalError(Exception):
+    """Mixin: retrying the same input cannot help; the message names the input and what to change."""
+
+
+class TransientError(Exception):
+    """Mixin: the same call may succeed later (a busy corpus, a service that recovers)."""
 
 
 class ReindexError(Exception):
     """Base class of every error the core raises on purpose."""
 
 
-class ConfigError(ReindexError, ValueError):
+class ConfigError(ReindexError, TerminalError, ValueError):
     """A configuration value or run parameter is invalid; the message names it and its limit."""
 
 
-class CorpusError(ReindexError):
+class CorpusError(ReindexError, TerminalError):
     """The corpus cannot be read as a whole (missing, empty, unsupported)."""
 
 
@@ -21,8 +41,22 @@ class EmptyCorpusError(CorpusError):
     """The corpus holds no document that could be chunked."""
 
 
-class StoreError(ReindexError):
-    """The vector store is in a state the pipeline cannot work with."""
+class StoreError(ReindexError, TerminalError):
+    """The vector store is in a state the pipeline cannot work with (no such corpus or store, a vector
+    that does not fit its table, a model that changed during the run)."""
+
+
+class CorpusBusyError(ReindexError, TransientError):
+    """Another run holds the corpus's lease (``holder``); it ends when that run's batch closes."""
+
+    def __init__(self, message: str, holder: Lease) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def is_terminal(exc: BaseException) -> bool:
+    """Whether retrying cannot help: a ``TerminalError`` (anything else is left to the caller's retries)."""
+    return isinstance(exc, TerminalError)
 
 
 class ErrorCode(StrEnum):

@@ -254,7 +254,7 @@ def plan(store: Store, cfg: ReindexConfig, batch_id: str) -> list[dict]:
 def _encode_isolating(encode: Callable[[list[str]], np.ndarray], texts: list[str], offset: int = 0
                       ) -> tuple[list[int], list[np.ndarray], list[tuple[int, ErrorCode, str]]]:
     """Encode ``texts``; when the encoder raises, bisect so only the offending texts fail."""
-    from reindex.embeddings.local import classify_encoder_error
+    from reindex.classify import classify_encoder_error
 
     try:
         vectors = encode(texts)

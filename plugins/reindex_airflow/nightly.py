@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from reindex_airflow.failures import terminal_errors
 from reindex_airflow.hooks import PgVectorHook
-from reindex_airflow.tasks import _terminal_errors
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def nightly_corpora(params: dict | None = None, dag_run=None) -> list[dict]:
     file_text = path.read_text(encoding="utf-8") if path.exists() else None
     variable_text = Variable.get(VARIABLE, default=None)
     only = (params or {}).get("corpora") or None
-    with _terminal_errors():
+    with terminal_errors():
         confs = load_corpora(file_text, variable_text, file_source=str(path), only=only)
     if not confs:
         raise AirflowSkipException(f"no enabled corpus in {path} or the Variable {VARIABLE!r}")
@@ -97,7 +97,7 @@ def build_report(store, runs: list[dict], outcomes: list[ChildOutcome]) -> dict:
     start (a cleared child run keeps its batch id: the row of the earlier attempt is not this
     night's). ``failed`` names every corpus whose task or run did not succeed or has no such batch.
     """
-    from psycopg import sql
+    from reindex.store.batches import run_batch
 
     report: dict[str, dict] = {}
     for run, o in zip(runs, outcomes, strict=True):
@@ -106,15 +106,8 @@ def build_report(store, runs: list[dict], outcomes: list[ChildOutcome]) -> dict:
                        "run_started": o.run_started.isoformat() if o.run_started else None}
         row = None
         if o.run_started is not None:
-            cur = store.execute(sql.SQL("""SELECT batch_id, status, total, ready, failed, reused, encoded,
-                    cardinality(job_names) AS jobs, details->>'message' AS message,
-                    extract(epoch FROM finished_at - started_at)::float8 AS seconds, started_at
-                FROM {} WHERE corpus = %s AND dag_run_id = %s AND kind = 'full' AND started_at >= %s
-                ORDER BY started_at DESC LIMIT 1""").format(store.t("batches")),
-                (corpus, run_id, o.run_started - CLOCK_SKEW))
-            found = cur.fetchone()
-            if found is not None:
-                row = dict(zip([c.name for c in cur.description], found, strict=True))
+            row = run_batch(store, corpus, run_id, started_after=o.run_started - CLOCK_SKEW)
+            if row is not None:
                 row["started_at"] = row["started_at"].isoformat()
         if row is not None:
             entry.update(row)
@@ -135,20 +128,18 @@ def build_report(store, runs: list[dict], outcomes: list[ChildOutcome]) -> dict:
 
 def _explain(store, corpus: str, run_id: str, o: ChildOutcome, row: dict | None) -> str:
     """One sentence on a corpus's night: the batch's own message, or why there is no batch to report."""
-    from psycopg import sql
+    from reindex.store.batches import run_batch
 
     if o.run_state is None:
         return (f"no {CHILD_DAG_ID} run {run_id}: the reindex task ended {o.task_state or 'without running'} "
                 "before triggering it (see its log)")
     if row is None:
-        older = store.one(sql.SQL("""SELECT batch_id, status, started_at FROM {} WHERE corpus = %s
-            AND dag_run_id = %s AND kind = 'full' ORDER BY started_at DESC LIMIT 1""").format(
-            store.t("batches")), (corpus, run_id))
+        older = run_batch(store, corpus, run_id)
         why = (f"{CHILD_DAG_ID} run {run_id} ended {o.run_state}" if o.run_state != "success"
                else f"{CHILD_DAG_ID} run {run_id} succeeded")
         since = f" since it started at {o.run_started.isoformat()}" if o.run_started else " (it never started)"
-        stale = (f"; the batch {older[0]} ({older[1]}) of that run id started at {older[2].isoformat()}, before, "
-                 "and is not this night's" if older else "")
+        stale = (f"; the batch {older['batch_id']} ({older['status']}) of that run id started at "
+                 f"{older['started_at'].isoformat()}, before, and is not this night's" if older else "")
         return f"{why} without opening a batch{since} (see its ensure_schema/chunk_corpus logs){stale}"
     msg = row.get("message") or row["status"]
     if o.run_state != "success":
@@ -199,9 +190,9 @@ def _migrate(store) -> None:
 def drop_retired_stores() -> list[str]:
     """Drop vector tables of models replaced more than ``REINDEX_STORE_RETENTION_HOURS`` ago (default 168)."""
     from reindex.settings import store_retention_hours
-    from reindex.store.vectors import drop_retired_stores as _drop
+    from reindex.store import vectors
 
     hours = store_retention_hours()
     with PgVectorHook().store() as store:
         _migrate(store)
-        return _drop(store, retention_seconds=hours * 3600)
+        return vectors.drop_retired_stores(store, retention_seconds=hours * 3600)

@@ -53,32 +53,24 @@ class SubmitVertexBatchOperator(BaseOperator):
         return list(names or [])
 
     def _record(self, context, store, batch_id: str, names: list[str]) -> None:
-        from psycopg import sql
-
-        from reindex.store.batches import update_details
+        from reindex.store.batches import record_jobs
 
         state = context.get("task_state_store")
         if state is not None:
             state.set(STATE_KEY, names)
-        update_details(store, batch_id, {"vertex_jobs": names})
-        store.execute(sql.SQL("UPDATE {} SET job_names = %s WHERE batch_id = %s").format(store.t("batches")),
-                      (names, batch_id))
+        record_jobs(store, batch_id, names)
 
     def execute(self, context) -> Any:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from reindex.config import ReindexConfig
-        from reindex.errors import ConfigError
+        from reindex_airflow.failures import terminal_errors
         from reindex_airflow.hooks import PgVectorHook
         from reindex_airflow.triggers import VertexBatchJobsTrigger
 
         m = self.manifest
         batch_id = m["batch_id"]
-        try:
+        with terminal_errors():  # no task retry can fix configuration
             cfg = ReindexConfig.from_mapping(m["config"])
             s = self.settings
-        except ConfigError as e:  # no task retry can fix configuration
-            raise AirflowFailException(str(e)) from e
         with PgVectorHook().store() as store:
             names = self._recorded(context, store, batch_id)
             if names:
@@ -134,11 +126,10 @@ class SubmitVertexBatchOperator(BaseOperator):
     def _give_up(self, context, e: Exception) -> bool:
         """A submit error is final when retrying cannot help (4xx other than 429: configuration, permission,
         an unknown model) or when this is the task's last try."""
+        from reindex.classify import classify_exception
         from reindex.errors import ErrorCode
-        from reindex.vertex.classify import classify_error
 
-        code = getattr(e, "code", None)
-        kind = classify_error(int(code) if isinstance(code, int) else None, None, str(e))
+        kind = classify_exception(e)
         if kind not in (ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE):
             return True
         ti = context.get("ti")
@@ -160,11 +151,10 @@ class SubmitVertexBatchOperator(BaseOperator):
 
     @staticmethod
     def _is_daily_quota(e: Exception) -> bool:
+        from reindex.classify import classify_exception
         from reindex.errors import ErrorCode
-        from reindex.vertex.classify import classify_error
 
-        code = getattr(e, "code", None)
-        return classify_error(int(code) if isinstance(code, int) else None, None, str(e)) == ErrorCode.QUOTA_EXCEEDED
+        return classify_exception(e) == ErrorCode.QUOTA_EXCEEDED
 
     def execute_complete(self, context, event: dict) -> dict:
         from reindex.store.batches import update_details

@@ -2,39 +2,29 @@
 
 The DAG files wire these with ``task(fn)``. Each one turns Params into a validated
 ``ReindexConfig``, opens the store through ``PgVectorHook`` and returns a small manifest.
-Configuration and input errors become ``AirflowFailException`` (no task retry can fix them).
+Terminal errors (``reindex.errors.TerminalError``: configuration, input, store state) fail a task for good
+through ``failures.task_outcome``; anything else is left to the task's retries.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
+from reindex_airflow.failures import task_outcome, terminal_errors
 from reindex_airflow.hooks import PgVectorHook
 
 log = logging.getLogger(__name__)
 
 
 
-@contextmanager
-def _terminal_errors():
-    """Input/config errors fail the task for good, with the message that names the input."""
-    from reindex.errors import ConfigError, CorpusError
-
-    try:
-        yield
-    except (ConfigError, CorpusError) as e:
-        raise AirflowFailException(str(e)) from e
-
-
 def config_from(params: dict[str, Any]):
     from reindex.config import ReindexConfig
 
-    with _terminal_errors():
+    with terminal_errors():
         return ReindexConfig.from_mapping(dict(params))
 
 
@@ -67,6 +57,7 @@ def _check_backend_settings(cfg) -> None:
         VertexSettings.from_env()
 
 
+@task_outcome
 def ensure_schema(params: dict | None = None) -> dict:
     """Validate the run's parameters, the backend's settings and the corpus (exists, readable, not empty),
     then migrate the store schema, register the model and its vector table.
@@ -79,10 +70,10 @@ def ensure_schema(params: dict | None = None) -> dict:
     from reindex.corpus import check_corpus_root
 
     cfg = config_from(params or {})
-    with _terminal_errors():
+    with terminal_errors():
         _check_backend_settings(cfg)
         check_corpus_root(corpus_root(cfg.corpus_uri), cfg.corpus, cfg.corpus_uri)
-    with PgVectorHook().store() as store, _terminal_errors():
+    with PgVectorHook().store() as store, terminal_errors():
         return pipeline.prepare(store, cfg)
 
 
@@ -159,6 +150,7 @@ def _holder_alive(holder) -> bool | None:
     return str(getattr(state, "value", state)).lower() in _LIVE_RUN_STATES  # a DagRunState enum or its text
 
 
+@task_outcome
 def chunk_corpus(prepared: dict, dag_run=None) -> dict:
     """Take the corpus's lease, then read, sanitize and chunk the corpus (unchanged documents are
     skipped) and claim the chunks that need vectors. Returns the batch manifest (ids and counts only).
@@ -168,7 +160,7 @@ def chunk_corpus(prepared: dict, dag_run=None) -> dict:
 
     cfg = config_from(prepared["config"])
     batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
-    with PgVectorHook().store() as store, _terminal_errors():
+    with PgVectorHook().store() as store, terminal_errors():
         _take_corpus(store, cfg, batch_id, dag_run)
         manifest = pipeline.chunk_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
                                          model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id,
@@ -188,6 +180,7 @@ def _remember_config(store, batch_id: str, cfg) -> None:
     update_details(store, batch_id, {"config": cfg.to_dict()})
 
 
+@task_outcome
 def plan_partitions(manifest: dict) -> list[dict]:
     """Split the batch's pending chunks into id ranges (a few hundred mapped tasks at most)."""
     from reindex import pipeline
@@ -211,6 +204,7 @@ def _label_map_index(label: str) -> None:
 MAP_INDEX_TEMPLATE = "{{ reindex_label | default('') }}"
 
 
+@task_outcome
 def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
     from reindex import pipeline
@@ -230,20 +224,20 @@ def encode_partition(partition: dict, manifest: dict) -> dict:
     return out
 
 
+@task_outcome
 def build_index(manifest: dict | None = None, params: dict | None = None) -> str | None:
     """Build the cosine index on the vector table after the load (if missing), then ANALYZE."""
     import time
 
+    from reindex.store import vectors
     from reindex.store.batches import add_stage_seconds
-    from reindex.store.vectors import build_index as _build
-    from reindex.store.vectors import get_embedding_store
 
     manifest = _upstream_done(manifest, "build_index")
     cfg = config_from(manifest.get("config") or params or {})
     started = time.monotonic()
     with PgVectorHook().store() as store:
-        index = _build(store, get_embedding_store(store, cfg.corpus, manifest["model_checksum"]), cfg.index_type,
-                       ivfflat_lists=cfg.ivfflat_lists)
+        index = vectors.build_index(store, vectors.get_embedding_store(store, cfg.corpus, manifest["model_checksum"]),
+                                    cfg.index_type, ivfflat_lists=cfg.ivfflat_lists)
         add_stage_seconds(store, manifest["batch_id"], "index", time.monotonic() - started)
     return index
 
@@ -263,14 +257,15 @@ def _vertex_context(manifest: dict):
     return cfg, backend_for(cfg), VertexBatchHook(s.gcp_conn_id, s.endpoint, s.project)
 
 
+@task_outcome
 def plan_result_ranges(submitted: dict, manifest: dict) -> list[list[dict]]:
     """Partition the jobs' result files by file and byte range (≤ 256 mapped tasks, none tiny)."""
-    from reindex.vertex.batch import plan_result_ranges as _plan
+    from reindex.vertex import batch
 
     _, _, hook = _vertex_context(manifest)
     if not submitted["output_dirs"]:
         return []
-    return _plan(hook.storage_client(), submitted["output_dirs"])
+    return batch.plan_result_ranges(hook.storage_client(), submitted["output_dirs"])
 
 
 def _ranges_label(ranges: list[dict]) -> str:
@@ -288,6 +283,7 @@ def _ranges_key(ranges: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@task_outcome
 def ingest_results(ranges: list[dict], manifest: dict) -> dict:
     """Stream one partition of result lines from GCS: COPY-load vectors, record failures per chunk."""
     from reindex.cost import record_partition_usage
@@ -311,17 +307,18 @@ def ingest_results(ranges: list[dict], manifest: dict) -> dict:
     return out
 
 
+@task_outcome
 def close_results(manifest: dict, submitted: dict) -> int:
     """Every result line is in: chunks no line carried become FAILED (MISSING_FROM_OUTPUT, or
     JOB_FAILED with the job's state and error when the job failed as a whole)."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from reindex.vertex.batch import close_results as _close
+    from reindex.vertex import batch
 
     if not submitted:  # the Vertex branch was not taken (its trigger rule lets it run past skips)
         raise AirflowSkipException("no Vertex submission in this run")
     with PgVectorHook().store() as store:
-        return _close(store, manifest["batch_id"], submitted["jobs"])
+        return batch.close_results(store, manifest["batch_id"], submitted["jobs"])
 
 
 def _metrics():
@@ -330,6 +327,7 @@ def _metrics():
     return metrics
 
 
+@task_outcome
 def summarize(manifest: dict | None = None) -> dict:
     """Close the batch: COMPLETED / COMPLETED_WITH_ERRORS / FAILED with counts by reason, failed documents,
     tokens and estimated cost, and what is left FAILED of the whole retry chain."""
@@ -389,6 +387,7 @@ def fail_batch(summary: dict) -> None:
 
 # --- reindex_retry -------------------------------------------------------------------------------
 
+@task_outcome
 def claim_retry(params: dict | None = None, dag_run=None) -> dict:
     """Open a retry batch for the retriable failed chunks of ``params['batch_id']``.
 
@@ -405,7 +404,7 @@ def claim_retry(params: dict | None = None, dag_run=None) -> dict:
         config = parent["details"].get("config") or {}
         batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, parent["corpus"])
         cfg = config_from(config)
-        with _terminal_errors():
+        with terminal_errors():
             _take_corpus(store, cfg, batch_id, dag_run)
         with store.conn.transaction():
             create_batch(store, batch_id, parent["corpus"], parent["backend"], parent["model_checksum"],
@@ -436,21 +435,22 @@ def upgrade_config(params: dict):
     return config_from(p)
 
 
+@task_outcome
 def prepare_upgrade(params: dict | None = None, dag_run=None) -> dict:
     """Register the target model and its new store, take the corpus's lease, claim the stale chunks."""
     from reindex import pipeline
     from reindex.backends import backend_for
+    from reindex.store import schema
     from reindex.store.leases import release
-    from reindex.store.schema import ensure_schema as _migrate
 
     params = dict(params or {})
     cfg = upgrade_config(params)
     batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
-    with _terminal_errors():
+    with terminal_errors():
         _check_backend_settings(cfg)
         backend_for(cfg).model_spec()  # the target model resolves offline before the corpus is taken
-    with PgVectorHook().store() as store, _terminal_errors():
-        _migrate(store)
+    with PgVectorHook().store() as store, terminal_errors():
+        schema.ensure_schema(store)
         _take_corpus(store, cfg, batch_id, dag_run)
         try:
             manifest = pipeline.prepare_upgrade(store, cfg, batch_id=batch_id, dim=params.get("dimension"),
@@ -469,6 +469,7 @@ def choose_upgrade_step(summary: dict, params: dict | None = None) -> str:
     return "fail_upgrade"
 
 
+@task_outcome
 def switch_model(manifest: dict, params: dict | None = None) -> dict:
     """Make the upgraded store the corpus's active one (atomic), then drop stores past retention."""
     from reindex import pipeline
@@ -485,6 +486,7 @@ def switch_model(manifest: dict, params: dict | None = None) -> dict:
     return out
 
 
+@task_outcome
 def fail_upgrade(summary: dict, manifest: dict) -> None:
     """Keep the old model active, give the corpus back, and fail with the reasons; a rerun resumes."""
     from reindex.store.leases import release

@@ -7,8 +7,8 @@ import numpy as np
 import orjson
 import pytest
 
+from reindex.classify import classify_error
 from reindex.errors import ErrorCode
-from reindex.vertex.classify import classify_error
 from reindex.vertex.formats import CLASSIC, GEMINI, content_key
 from reindex.vertex.lines import iter_range_lines
 from reindex.vertex.parse import parse_lines, stream_results

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from reindex.config import DEFAULT_MODEL
-from reindex.errors import ConfigError, ErrorCode
+from reindex.errors import ConfigError
 from reindex.models import ModelSpec, model_id_for, model_revision, offline_hub, resolve_model_path
 from reindex.prefetch import prefetched
 
@@ -37,12 +36,6 @@ def auto_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
-
-
-@dataclass
-class EncodeFailure(Exception):
-    code: ErrorCode
-    message: str
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -158,10 +151,3 @@ def _ahead(items, prepare, *, threaded: bool):
     return prefetched(pairs, 0, name="reindex-tokenize") if threaded else pairs
 
 
-def classify_encoder_error(exc: BaseException) -> ErrorCode:
-    """Out-of-memory and device errors are transient (retried); anything else is terminal."""
-    name = type(exc).__name__.lower()
-    text = str(exc).lower()
-    if "outofmemory" in name or "out of memory" in text or "cuda" in text:
-        return ErrorCode.TRANSIENT_ENCODER_ERROR
-    return ErrorCode.ENCODER_ERROR

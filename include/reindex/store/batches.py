@@ -295,6 +295,26 @@ def mark_missing(store: Store, batch_id: str, *, code: ErrorCode = ErrorCode.MIS
         (code.value, message[:2000], batch_id)).rowcount
 
 
+def run_batch(store: Store, corpus: str, dag_run_id: str, *, started_after=None) -> dict | None:
+    """The latest full batch a DAG run opened on ``corpus`` (optionally only one started after a time: a
+    cleared run reuses its batch id), with its counts, job count, message and duration; None if none."""
+    after = sql.SQL("AND started_at >= %s") if started_after is not None else sql.SQL("")
+    cur = store.execute(sql.SQL("""SELECT batch_id, status, total, ready, failed, reused, encoded,
+            cardinality(job_names) AS jobs, details->>'message' AS message,
+            extract(epoch FROM finished_at - started_at)::float8 AS seconds, started_at
+        FROM {} WHERE corpus = %s AND dag_run_id = %s AND kind = 'full' {}
+        ORDER BY started_at DESC LIMIT 1""").format(store.t("batches"), after),
+        (corpus, dag_run_id, *([started_after] if started_after is not None else [])))
+    row = cur.fetchone()
+    return None if row is None else dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def record_jobs(store: Store, batch_id: str, names: list[str]) -> None:
+    """The batch's submitted job names, before the submitting task waits for them (re-attach, never resubmit)."""
+    store.execute(sql.SQL("""UPDATE {} SET job_names = %s, details = details || jsonb_build_object('vertex_jobs', %s::text[])
+        WHERE batch_id = %s""").format(store.t("batches")), (names, names, batch_id))
+
+
 def update_details(store: Store, batch_id: str, details: dict) -> None:
     store.execute(sql.SQL("UPDATE {} SET details = details || %s WHERE batch_id = %s").format(store.t("batches")),
                   (Jsonb(details), batch_id))

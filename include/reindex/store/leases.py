@@ -25,7 +25,7 @@ from datetime import datetime
 
 from psycopg import sql
 
-from reindex.errors import ReindexError
+from reindex.errors import CorpusBusyError
 from reindex.store import Store, corpus_lock_key
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_SECONDS = 6 * 3600
 
 HolderAlive = Callable[["Lease"], bool | None]  # True / False, or None when it cannot be known
-
-
-class CorpusBusyError(ReindexError):
-    """Another run holds the corpus's lease."""
-
-    def __init__(self, message: str, holder: Lease) -> None:
-        super().__init__(message)
-        self.holder = holder
 
 
 @dataclass(frozen=True)

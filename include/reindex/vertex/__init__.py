@@ -9,7 +9,7 @@ GCS enters only through small optional adapters (``gcs``) that take an already-b
 
 from __future__ import annotations
 
-from reindex.vertex.classify import classify_error
+from reindex.classify import classify_error
 from reindex.vertex.formats import (
     CLASSIC,
     GEMINI,

@@ -12,7 +12,7 @@ Per-line outcomes (a bad line fails only itself, never the block):
 
 * success → ``keys[i]``, ``vectors[i]`` (shape ``(dim,)``); ``token_count`` summed when reported;
 * ``status`` non-empty or an ``error`` object → the Google error mapped by ``classify_error`` in
-  ``reindex.vertex.classify`` (RATE_LIMITED, QUOTA_EXCEEDED, UNAVAILABLE, TOO_LONG,
+  ``reindex.classify`` (RATE_LIMITED, QUOTA_EXCEEDED, UNAVAILABLE, TOO_LONG,
   INVALID_CHARACTERS, else INVALID_INPUT);
 * ``statistics.truncated: true`` → TOO_LONG (the vector covers only part of the text);
 * wrong number of values → DIMENSION_MISMATCH for that key;
@@ -48,9 +48,9 @@ import numpy as np
 import orjson
 
 from reindex import native
+from reindex.classify import line_error
 from reindex.errors import ErrorCode
 from reindex.prefetch import prefetched
-from reindex.vertex.classify import line_error
 from reindex.vertex.formats import CLASSIC, GEMINI, Family, content_key
 from reindex.vertex.lines import DEFAULT_READ_BLOCK, iter_range_lines
 from reindex.vertex.ranges import ByteRange

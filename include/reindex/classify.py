@@ -1,7 +1,13 @@
-"""Google errors (HTTP or gRPC code, status name, message) mapped to an ``ErrorCode``.
+"""Every classifier of the project: what went wrong → an ``ErrorCode`` (and, through ``reindex.retry``,
+a retry decision).
 
-``classify_error`` serves every place that meets a Google error: a failed line of batch output
-(``line_error``), a failed job, a refused API call.
+* ``classify_error`` — a Google error (HTTP or gRPC code, status name, message): a failed line of batch
+  output (``line_error``), a failed job, a refused API call (``classify_exception`` reads the exception's
+  own fields: ``code``, ``grpc_status_code``, ``message``).
+* ``classify_encoder_error`` — an exception of the local encoder for one text.
+
+Exceptions the code raises on purpose carry their kind as a type instead (``reindex.errors``:
+``TerminalError`` / ``TransientError``).
 """
 
 from __future__ import annotations
@@ -84,6 +90,25 @@ def classify_error(code: int | str | None = None, status: str | None = None,
     if _UNAVAILABLE_TEXT.search(low):
         return ErrorCode.UNAVAILABLE
     return ErrorCode.INVALID_INPUT
+
+
+def classify_exception(exc: BaseException) -> ErrorCode:
+    """A refused API call (google.api_core ``GoogleAPICallError`` or anything with ``code``/``message``): its
+    HTTP code, gRPC status and message, read from the exception's fields rather than its ``str()``."""
+    code = getattr(exc, "code", None)
+    grpc = getattr(exc, "grpc_status_code", None)
+    status = getattr(grpc, "name", None) if grpc is not None else None
+    message = getattr(exc, "message", None) or (exc.args[0] if exc.args and isinstance(exc.args[0], str) else None)
+    return classify_error(int(code) if isinstance(code, int) and not isinstance(code, bool) else None, status, message)
+
+
+def classify_encoder_error(exc: BaseException) -> ErrorCode:
+    """Out-of-memory and device errors of the local encoder are transient (retried); anything else is terminal."""
+    name = type(exc).__name__.lower()
+    text = str(exc).lower()
+    if "outofmemory" in name or "out of memory" in text or "cuda" in text:
+        return ErrorCode.TRANSIENT_ENCODER_ERROR
+    return ErrorCode.ENCODER_ERROR
 
 
 def line_error(obj: dict) -> tuple[ErrorCode, str] | None:
