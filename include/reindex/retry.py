@@ -89,3 +89,18 @@ def retriable_codes(retry_count: int, policy: RetryPolicy = RetryPolicy()) -> li
 # a later run leaves such a chunk FAILED until its text or the model changes (or ``force``).
 CONTENT_CODES = frozenset({ErrorCode.TOO_LONG, ErrorCode.INVALID_CHARACTERS, ErrorCode.INVALID_INPUT,
                            ErrorCode.ENCODER_ERROR})
+
+
+def exhausted_after(code: str, policy: RetryPolicy = RetryPolicy(), *, limit: int = 100) -> int | None:
+    """The smallest ``retry_count`` at which ``decide`` gives up on ``code`` (None: never within ``limit``).
+    SQL that must agree with the policy is built from this, not written again."""
+    for retry_count in range(limit + 1):
+        if not decide(code, retry_count, policy).retriable:
+            return retry_count
+    return None
+
+
+def content_failures_kept() -> dict[str, int]:
+    """For each content code: the ``retry_count`` from which a FAILED chunk stays FAILED across runs (its retries
+    are spent; only a new text, a new model or ``force`` gives it another try)."""
+    return {c.value: exhausted_after(c.value) for c in sorted(CONTENT_CODES)}

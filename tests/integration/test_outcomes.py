@@ -191,3 +191,23 @@ def test_the_branch_follows_the_retry_policy_then_max_failed_ratio(summary, bran
     from reindex_airflow.tasks import choose_branch
 
     assert choose_branch({**summary, "max_failed_ratio": 0.01}) == branch
+
+
+def test_the_sql_that_keeps_content_failures_agrees_with_the_retry_policy(store, emb):
+    """claim_stale_chunks keeps a chunk FAILED across runs exactly when the policy (Python) says its content
+    failure is spent: every code × retry_count 0..4, checked against ``decide``."""
+    from reindex.retry import CONTENT_CODES, decide
+
+    cases = [(code, n) for code in ErrorCode for n in range(5)]
+    _scan(store, "kb", "b0", {"d": [f"text {i}" for i in range(len(cases))]})
+    rows = sorted(_chunks(store, "kb"), key=lambda r: int(r[0].split("#")[1]))
+    for (code, n), row in zip(cases, rows, strict=True):
+        store.execute(sql.SQL("""UPDATE {} SET embedding_status = 'FAILED', error_code = %s, retry_count = %s
+            WHERE id = %s""").format(store.t("chunks")), (code.value, n, row[4]))
+    with store.conn.transaction():
+        batches.create_batch(store, "b1", "kb", "local", SPEC.checksum)
+        batches.claim_stale_chunks(store, "kb", "b1", emb)
+    kept = {r[0] for r in _chunks(store, "kb") if r[1] == "FAILED"}
+    expected = {row[0] for (code, n), row in zip(cases, rows, strict=True)
+                if code in CONTENT_CODES and not decide(code.value, n).retriable}
+    assert kept == expected and len(expected) == 4 * 5 - 2  # TOO_LONG and INVALID_CHARACTERS get one more try

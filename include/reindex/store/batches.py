@@ -62,7 +62,7 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
 
     Returns ``{"pending", "reused", "reused_by_content", "converted", "kept_failed"}``.
     """
-    from reindex.retry import CONTENT_CODES
+    from reindex.retry import content_failures_kept
 
     t = store.t
     current = sql.SQL("EXISTS (SELECT 1 FROM {emb} e WHERE e.chunk_pk = c.id AND e.content_sha256 = c.content_sha256)").format(
@@ -93,9 +93,12 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
             ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
                 embedding = EXCLUDED.embedding, updated_at = now()""").format(
             emb=t(emb.table_name), chunks=t("chunks"), current=current, sources=sources), (corpus,)).rowcount
-    keep = sql.SQL("""c.embedding_status = 'FAILED' AND c.error_code = ANY(%s)
-        AND c.retry_count >= (CASE WHEN c.error_code IN ('TOO_LONG', 'INVALID_CHARACTERS') THEN 1 ELSE 0 END)""")
-    kept_codes = sorted(CONTENT_CODES) if keep_content_failures and not force else []
+    # the retry policy's own table (reindex.retry), turned into SQL: code → retry_count from which it stays FAILED
+    limits = content_failures_kept()
+    keep = sql.SQL("c.embedding_status = 'FAILED' AND c.error_code = ANY(%s) AND c.retry_count >= (CASE c.error_code "
+                   "{} END)").format(sql.SQL(" ").join(sql.SQL("WHEN {} THEN {}").format(sql.Literal(code), sql.Literal(n))
+                                                       for code, n in limits.items()))
+    kept_codes = sorted(limits) if keep_content_failures and not force else []
     claimed = store.execute(sql.SQL("""UPDATE {chunks} c SET batch_id = %s, embedding_status = 'PENDING',
             retry_count = 0, error_code = NULL, error_message = NULL, updated_at = now()
         WHERE c.corpus = %s AND (%s OR (NOT {current} AND NOT ({keep})))""").format(
