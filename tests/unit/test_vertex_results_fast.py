@@ -17,7 +17,7 @@ from reindex.vertex.ranges import ByteRange
 
 DIM = 8
 
-pytest.importorskip("simdjson")
+import simdjson  # noqa: E402,F401 - pinned in requirements.txt: its absence fails here, it is never skipped
 
 
 @pytest.fixture(params=["native", "simdjson"])
