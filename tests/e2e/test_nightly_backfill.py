@@ -8,13 +8,9 @@ logs no error."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,10 +20,10 @@ from psycopg import sql
 
 from reindex.pipeline import batch_id_for
 from reindex.store import Store, connect
+from tests.e2e.services import AIRFLOW, airflow_processes
 
 pytestmark = pytest.mark.e2e
 
-AIRFLOW = [sys.executable, "-m", "airflow"]
 CORPUS = "rerun_kb"
 DOCS = ["Glaciers carve U-shaped valleys.", "Bees pollinate apple blossoms."]
 # The test's cron fires on Feb 29 only: its last fire time (2024) is before the DAG's start date, so
@@ -65,11 +61,6 @@ def test_an_empty_night_on_a_fresh_store(dagbag, tmp_path, monkeypatch, capfd, s
         c.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def corpus_dir(tmp_path):
@@ -84,39 +75,10 @@ def corpus_dir(tmp_path):
 
 @pytest.fixture
 def services(airflow_db, tmp_path, corpus_dir):
-    port = _free_port()
-    env = dict(os.environ)
-    env.update({
-        "REINDEX_CORPORA_FILE": str(tmp_path / "corpora.yaml"),
-        "REINDEX_NIGHTLY_POKE_SECONDS": "2",
-        "REINDEX_NIGHTLY_CRON": CRON,
-        "REINDEX_LEASE_POLL_SECONDS": "2",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "test-secret-for-this-session-only",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-    })
-    # serialize with this cron before the scheduler starts (an earlier dag.test() stored the default one)
-    subprocess.run([*AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True)
-    procs, logs = [], {}
-    for name, args in {"api-server": ["api-server", "--port", str(port), "--host", "127.0.0.1"],
-                       "dag-processor": ["dag-processor"], "scheduler": ["scheduler"],
-                       "triggerer": ["triggerer"]}.items():
-        logs[name] = tmp_path / f"{name}.log"
-        procs.append(subprocess.Popen([*AIRFLOW, *args], env=env, stdout=logs[name].open("w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-    yield env, logs
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    # Feb 29 at 02:00: its last fire time (2024) is before the DAG's start date, so unpausing it
+    # does not start a scheduled run of its own; the test triggers its nights by hand.
+    with airflow_processes(tmp_path, tmp_path / "corpora.yaml", CRON) as (env, logs):
+        yield env, logs
 
 
 def _cli(env, *args: str) -> str:

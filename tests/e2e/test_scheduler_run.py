@@ -5,13 +5,8 @@ one of the corpora racing the first nightly run."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,16 +14,11 @@ import pytest
 
 from reindex.store import Store, connect
 from reindex.store.search import corpus_status
+from tests.e2e.services import AIRFLOW, airflow_processes
 
 pytestmark = pytest.mark.e2e
 
-AIRFLOW = [sys.executable, "-m", "airflow"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -50,43 +40,10 @@ def corpora(tmp_path):
 
 @pytest.fixture
 def airflow_services(airflow_db, tmp_path, corpora):
-    port = _free_port()
-    env = dict(os.environ)
-    env.update({
-        "REINDEX_CORPORA_FILE": str(corpora[0]),
-        "REINDEX_NIGHTLY_POKE_SECONDS": "2",
-        # Feb 29 at 02:00: its last fire time (2024) is before the DAG's start date, so unpausing it
-        # does not start a scheduled run of its own; the test triggers its nights by hand.
-        "REINDEX_NIGHTLY_CRON": "0 2 29 2 *",
-        "REINDEX_LEASE_POLL_SECONDS": "2",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "test-secret-for-this-session-only",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-    })
-    # Serialize the DAGs with this environment before the scheduler starts: an earlier dag.test()
-    # may have stored reindex_nightly with its default cron, which would start a scheduled night.
-    subprocess.run([*AIRFLOW, "dags", "reserialize"], env=env, check=True, capture_output=True)
-    procs = []
-    logs = {}
-    for name, args in {"api-server": ["api-server", "--port", str(port), "--host", "127.0.0.1"],
-                       "dag-processor": ["dag-processor"], "scheduler": ["scheduler"],
-                       "triggerer": ["triggerer"]}.items():
-        logs[name] = tmp_path / f"{name}.log"
-        procs.append(subprocess.Popen([*AIRFLOW, *args], env=env, stdout=logs[name].open("w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
-    yield env, logs
-    for p in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+    # Feb 29 at 02:00: its last fire time (2024) is before the DAG's start date, so unpausing it
+    # does not start a scheduled run of its own; the test triggers its nights by hand.
+    with airflow_processes(tmp_path, corpora[0], "0 2 29 2 *") as (env, logs):
+        yield env, logs
 
 
 def _run_state(dag_id: str, run_id: str) -> str | None:

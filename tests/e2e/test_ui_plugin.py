@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,11 @@ import httpx
 import pytest
 
 from reindex.store import inspect
+from tests.e2e.services import AIRFLOW, free_port
 from tests.integration.test_inspect import RESULT_FILE, Scenario, build_scenario
 
 pytestmark = pytest.mark.e2e
 
-AIRFLOW = [sys.executable, "-m", "airflow"]
 SECRET = "Sup3r-s3cret-pw-4242"  # the store connection's password: must never reach a response or the log
 UI_ENV = {
     "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,operator:user",
@@ -455,16 +454,11 @@ def test_statement_timeout_setting_is_checked(ui, monkeypatch):
     assert r.json()["detail"] == "REINDEX_UI_STATEMENT_TIMEOUT_MS='10' must be an integer 100–600000 (ms)"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_served_by_a_real_api_server(ui_env, store, tmp_path):
     """``airflow api-server`` (default ``lazy_load_plugins``) mounts the plugin and lists its views."""
     s = build_scenario(store)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AIRFLOW_CONN_REINDEX_PG": _store_conn(store), "AIRFLOW__API__PORT": str(port)}
     env.pop("AIRFLOW__CORE__LAZY_LOAD_PLUGINS", None)
     listed = subprocess.run([*AIRFLOW, "plugins", "--output", "json"], env=env, capture_output=True, text=True,
