@@ -44,7 +44,7 @@ def nightly_corpora(params: dict | None = None, dag_run=None) -> list[dict]:
     ``TriggerDagRunOperator`` kwargs (``trigger_run_id``, ``conf``) for ``reindex_corpus`` runs."""
     from airflow.sdk import Variable
 
-    from reindex.corpora import VARIABLE, corpora_file, load_corpora
+    from reindex.corpus_list import VARIABLE, corpora_file, load_corpora
 
     path = corpora_file()
     file_text = path.read_text(encoding="utf-8") if path.exists() else None

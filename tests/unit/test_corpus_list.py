@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reindex.corpora import DEFAULT_FILE, load_corpora
+from reindex.corpus_list import DEFAULT_FILE, load_corpora
 from reindex.errors import ConfigError
 
 FILE = """
