@@ -8,17 +8,21 @@
   Their ``href`` has no leading slash: the UI resolves it against the api-server's base URL.
 
 The views are served as plain HTML (no JS build) inside the UI's iframes.
+
+* ``listeners``: ``reindex_ui.run_notes`` writes a finished reindex run's outcome into its note.
 """
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
+from reindex_ui import run_notes
 from reindex_ui.asgi import RUN_TAB_ROUTE, URL_PREFIX, app
 
 
 class ReindexUIPlugin(AirflowPlugin):
     name = "reindex_ui"
+    listeners = [run_notes]  # a finished reindex run's note says its batch's outcome
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "reindex"}]
     external_views = [
         # nav_top_level: its own entry in the navigation bar, not one in the "Plugins" menu

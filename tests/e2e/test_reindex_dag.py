@@ -327,3 +327,11 @@ def test_a_run_emits_its_metrics_and_cost(corpus_dag, store_conn, tmp_path):
     assert details["cost"]["unit"] and details["failed_documents"] == 1
     assert details["documents_by_reason"] == {"DECODE_ERROR": 1}
     assert {"chunk", "encode", "index"} <= set(details["stages"])
+    # the run tells its outcome where users look: its note (written by the reindex_ui listener)
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+
+    with settings.Session() as session:
+        note = session.query(DagRun).filter(DagRun.run_id == dr.run_id).one().note
+    assert note == ("metrics_e2e: COMPLETED_WITH_ERRORS — 3 chunk(s) embedded: 3 READY, 0 FAILED; 0 batch job(s) "
+                    "submitted; 0 chunk vector(s) reused; 1 document(s) failed {'DECODE_ERROR': 1}")

@@ -104,6 +104,13 @@ def test_nightly_runs_through_the_scheduler(airflow_services, corpora, store_uri
         assert {first[0], second[0]} == {manual, f"nightly__{night1}__night_a"}
         assert first[5] <= second[4]  # the later run's writes began after the first closed its batch
         assert (first[2], second[2]) == (3, 0)  # whichever ran second found nothing to embed
+    # each corpus run's note (written by the scheduler's listener) says its batch's outcome
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+
+    with settings.Session() as session:
+        note = session.query(DagRun).filter(DagRun.dag_id == "reindex_corpus", DagRun.run_id == manual).one().note
+    assert note.startswith("night_a: COMPLETED — ") and note.endswith(first[6] if first[0] == manual else second[6])
 
     night2 = f"night2_{stamp}"
     subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_nightly", "--run-id", night2], env=env, check=True,

@@ -312,6 +312,13 @@ def run_batch(store: Store, corpus: str, dag_run_id: str, *, started_after=None)
     return None if row is None else dict(zip([c.name for c in cur.description], row, strict=True))
 
 
+def run_outcomes(store: Store, dag_run_id: str) -> list[dict]:
+    """The batches a DAG run opened (one per corpus), oldest first: corpus, status and the one-line message."""
+    cur = store.execute(sql.SQL("""SELECT corpus, batch_id, status, details->>'message' AS message FROM {}
+        WHERE dag_run_id = %s ORDER BY started_at""").format(store.t("batches")), (dag_run_id,))
+    return [dict(zip([c.name for c in cur.description], row, strict=True)) for row in cur.fetchall()]
+
+
 def record_jobs(store: Store, batch_id: str, names: list[str]) -> None:
     """The batch's submitted job names, before the submitting task waits for them (re-attach, never resubmit)."""
     store.execute(sql.SQL("""UPDATE {} SET job_names = %s, details = details || jsonb_build_object('vertex_jobs', %s::text[])
