@@ -223,12 +223,18 @@ def run_data(perms: Permissions, dag_id: str, run_id: str) -> dict:
     return out
 
 
+def require_batch(store, perms: Permissions, batch_id: str) -> tuple:
+    """The batch's (kind, dag id); 404 when the store has no such batch, 403 without read access to its DAG."""
+    kind = inspect.batch_kind(store, batch_id)
+    if kind is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"batch {batch_id!r} is not in the store")
+    perms.require(batch_dag(*kind))
+    return kind
+
+
 def failures_data(perms: Permissions, batch_id: str, reason: str | None, after: int, limit: int) -> dict:
     with open_store() as store:
-        kind = inspect.batch_kind(store, batch_id)
-        if kind is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"batch {batch_id!r} is not in the store")
-        perms.require(batch_dag(*kind))
+        require_batch(store, perms, batch_id)
         try:
             page = inspect.failed_chunks(store, batch_id, reason=reason, after=after, limit=limit)
         except ValueError as e:
@@ -330,10 +336,7 @@ def _csv_blocks(batch_id: str, reason: str | None) -> Iterator[str]:
 def failures_csv(batch_id: str, user: User, reason: Reason = None) -> StreamingResponse:
     perms = Permissions(user)
     with open_store() as store:
-        kind = inspect.batch_kind(store, batch_id)
-        if kind is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"batch {batch_id!r} is not in the store")
-        perms.require(batch_dag(*kind))
+        require_batch(store, perms, batch_id)
     try:
         reason = inspect.check_reason(reason)
     except ValueError as e:
@@ -352,10 +355,7 @@ def retry_action(request: Request, user: BaseUser, batch_id: str, supplied_csrf:
     perms = Permissions(user)
     perms.require(RETRY_DAG, "POST")
     with open_store() as store:
-        kind = inspect.batch_kind(store, batch_id)
-        if kind is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"batch {batch_id!r} is not in the store")
-        perms.require(batch_dag(*kind))
+        require_batch(store, perms, batch_id)
         d = inspect.batch_detail(store, batch_id, per_reason=1)
     offer = _retry_state(d, perms)
     if not offer["possible"]:
