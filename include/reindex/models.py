@@ -67,9 +67,19 @@ class ModelSpec:
 
 
 def offline_hub() -> None:
-    """Weights are never downloaded at run time: force the Hugging Face hub offline."""
+    """Weights are never downloaded at run time: force the Hugging Face hub offline. Its progress bars go to
+    stderr, which Airflow's task log shows as error lines: off (set the variables to 0 to see them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_PROGRESS_BAR", "1")
+    if os.environ["TRANSFORMERS_NO_PROGRESS_BAR"] == "1":
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # the tokenizer-only paths run without transformers' logging module
+            pass
 
 
 def model_id_for(model: str) -> str:
