@@ -16,8 +16,8 @@ def _ti_states(dr):
     return {ti.task_id: ti.state for ti in dr.get_task_instances()}
 
 
-def test_sample_corpus_end_to_end(dagbag, store_conn, encoder, monkeypatch):
-    dag = dagbag.get_dag("reindex_corpus")
+def test_sample_corpus_end_to_end(corpus_dag, store_conn, encoder, monkeypatch):
+    dag = corpus_dag
     dr = dag.test(run_conf={"corpus": "sample_e2e", "corpus_uri": str(SAMPLE_CORPUS)})
     assert dr.state == "success", _ti_states(dr)
     states = _ti_states(dr)
@@ -57,15 +57,26 @@ def test_sample_corpus_end_to_end(dagbag, store_conn, encoder, monkeypatch):
 
 @pytest.fixture
 def corpus_dag(dagbag):
-    """reindex_corpus, its Params put back afterwards: dag.test() writes a run's conf into the Param objects of
-    the session's DAG, so a value one test passes would carry over to the runs of later tests."""
+    """reindex_corpus with its Params at the form's defaults before and after the test: dag.test() writes a run's
+    conf into the Param objects of the session's DAG (other test files' runs included), so a value one test
+    passes — or a key it adds — would carry over to the runs of later tests."""
+    from reindex_airflow.params import corpus_params
+
     dag = dagbag.get_dag("reindex_corpus")
+    defaults = {k: p.value for k, p in corpus_params().items()}
     holders = [dag.params, *(t.params for t in dag.tasks)]
-    saved = [h.dump() for h in holders]
+
+    def reset() -> None:
+        for holder in holders:
+            for key in [k for k in holder if k not in defaults]:
+                del holder[key]
+            for key, value in defaults.items():
+                if key in holder:
+                    holder[key] = value
+
+    reset()
     yield dag
-    for holder, values in zip(holders, saved, strict=True):
-        for key, value in values.items():
-            holder[key] = value
+    reset()
 
 
 def test_halfvec_storage_end_to_end(corpus_dag, store_conn, encoder):
@@ -103,7 +114,7 @@ def _hold_lease(store, corpus: str, batch_id: str = "someone-else") -> None:
     assert leases.try_acquire(store, corpus, batch_id, "manual__other") is None
 
 
-def test_a_busy_corpus_fails_clearly_or_waits(dagbag, store_conn, tmp_path, monkeypatch):
+def test_a_busy_corpus_fails_clearly_or_waits(corpus_dag, store_conn, tmp_path, monkeypatch):
     """on_busy=fail: the task fails naming the holder, writing nothing. on_busy=wait: the task is
     rescheduled (no worker slot held) until the holder is done, then the run completes."""
     import threading
@@ -124,7 +135,7 @@ def test_a_busy_corpus_fails_clearly_or_waits(dagbag, store_conn, tmp_path, monk
     with pytest.raises(AirflowFailException, match=r"corpus 'busy_e2e' is busy: run manual__other \(batch someone-else\)"):
         _take_corpus(store_conn, cfg, "mine", run)
 
-    dag = dagbag.get_dag("reindex_corpus")
+    dag = corpus_dag
     dr = dag.test(run_conf={"corpus": "busy_e2e", "corpus_uri": str(tmp_path), "on_busy": "fail"})
     assert dr.state == "failed" and _ti_states(dr)["chunk_corpus"] == "failed"
     (nbatches,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'busy_e2e'").format(
@@ -148,7 +159,7 @@ def test_a_busy_corpus_fails_clearly_or_waits(dagbag, store_conn, tmp_path, monk
     assert st["chunks"]["READY"] == 1 and st["lease"] is None
 
 
-def test_partial_failure_triggers_a_retry_run_that_heals_it(dagbag, store_conn, tmp_path, monkeypatch):
+def test_partial_failure_triggers_a_retry_run_that_heals_it(dagbag, corpus_dag, store_conn, tmp_path, monkeypatch):
     """A transient encoder error on one chunk → COMPLETED_WITH_ERRORS → reindex_retry → all READY."""
     from airflow.models.dagrun import DagRun
 
@@ -164,7 +175,7 @@ def test_partial_failure_triggers_a_retry_run_that_heals_it(dagbag, store_conn, 
         return real_encode(self, texts)
 
     monkeypatch.setattr(LocalEncoder, "encode", flaky)
-    dr = dagbag.get_dag("reindex_corpus").test(run_conf={"corpus": "retry_e2e", "corpus_uri": str(tmp_path)})
+    dr = corpus_dag.test(run_conf={"corpus": "retry_e2e", "corpus_uri": str(tmp_path)})
     assert dr.state == "success"
     assert _ti_states(dr)["trigger_retry"] == "success"
     st = corpus_status(store_conn, "retry_e2e")
@@ -193,7 +204,7 @@ def test_partial_failure_triggers_a_retry_run_that_heals_it(dagbag, store_conn, 
     assert retry_count == 1
 
 
-def test_total_failure_fails_the_run_loudly(dagbag, store_conn, tmp_path, monkeypatch):
+def test_total_failure_fails_the_run_loudly(corpus_dag, store_conn, tmp_path, monkeypatch):
     from reindex.embeddings.local import LocalEncoder
 
     (tmp_path / "a.txt").write_text("anything at all", encoding="utf-8")
@@ -202,7 +213,7 @@ def test_total_failure_fails_the_run_loudly(dagbag, store_conn, tmp_path, monkey
         raise ValueError("model weights are corrupt")
 
     monkeypatch.setattr(LocalEncoder, "encode", broken)
-    dr = dagbag.get_dag("reindex_corpus").test(run_conf={"corpus": "fail_e2e", "corpus_uri": str(tmp_path)})
+    dr = corpus_dag.test(run_conf={"corpus": "fail_e2e", "corpus_uri": str(tmp_path)})
     assert dr.state == "failed"
     states = _ti_states(dr)
     assert states["fail_batch"] == "failed" and states["done"] == "skipped"
