@@ -11,7 +11,7 @@ Methods, each in its own subprocess (peak RSS per method), each starting from th
 vector table empty, the batch's chunks PENDING):
 
 * ``limit``     server-side ``COPY emb FROM '<file>' (FORMAT BINARY)`` of the same rows;
-* ``seed``      ``json.loads`` per line + ``executemany`` upsert of 1,000 rows + status update per batch;
+* ``executemany`` ``json.loads`` per line + ``executemany`` upsert of 1,000 rows + status update per batch;
 * ``pgvector``  pgvector-python's documented way: ``json.loads``, then ``copy.write_row`` per row into
                 ``COPY … FROM STDIN (FORMAT BINARY)`` with ``register_vector``; then one status update;
 * ``project``   ``reindex.vertex.batch.ingest_ranges`` — what the mapped ``ingest_results`` task runs —
@@ -307,8 +307,8 @@ def method_limit(p: dict) -> dict:
     return _copy_file(p, p["table"], p["limit_file"])
 
 
-def method_seed(p: dict) -> dict:
-    """Seed 000's method on PostgreSQL: json.loads per line, executemany upserts of 1,000 rows."""
+def method_executemany(p: dict) -> dict:
+    """The plain way to load result lines: json.loads per line, executemany upserts of 1,000 rows."""
     import hashlib
 
     from pgvector.psycopg import register_vector
@@ -469,7 +469,7 @@ def method_project(p: dict) -> dict:
             "task_rss_mib": round(rss, 1)}
 
 
-METHODS = {"limit": method_limit, "seed": method_seed, "pgvector": method_pgvector, "project": method_project,
+METHODS = {"limit": method_limit, "executemany": method_executemany, "pgvector": method_pgvector, "project": method_project,
            "limit_halfvec": method_limit_halfvec}
 
 
@@ -491,11 +491,11 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
     """Measure every method at ``lines``; with ``rss_lines`` (e.g. 1M) measure the project path there too.
 
     ``repeat`` > 1 runs the limit and the project rows that many times (alternating) and keeps the
-    fastest of each (the machine is shared); the seed and pgvector baselines run once.
+    fastest of each (the machine is shared); the executemany and pgvector baselines run once.
     """
     from benchmarks.common import run_worker
 
-    methods = methods or ["limit", "seed", "pgvector", "project"]
+    methods = methods or ["limit", "executemany", "pgvector", "project"]
     manifest = setup(data_dir, lines)
     base = {k: manifest[k] for k in ("uri", "schema", "table", "model_checksum", "corpus_dir", "files", "n",
                                      "limit_file")}
@@ -529,7 +529,7 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
     reference: dict[str, str] = {}  # the limit's sample md5 per storage
     for attempt in range(max(1, repeat)):
         for label, method, extra in plan:
-            if attempt and method in ("seed", "pgvector"):
+            if attempt and method in ("executemany", "pgvector"):
                 continue
             reset(manifest, halfvec_table)
             params = {**base, **{k: v for k, v in extra.items() if k != "gcs"}, "method": method}
@@ -558,11 +558,11 @@ def run(data_dir: Path, *, lines: int = 100_000, methods: list[str] | None = Non
         best["runs_seconds"] = [r["seconds"] for r in runs]
         rows.append(best)
     limit = next((r["seconds"] for r in rows if r["label"] == "limit"), None)
-    seed = next((r["seconds"] for r in rows if r["label"] == "seed"), None)
+    naive = next((r["seconds"] for r in rows if r["label"] == "executemany"), None)
     for r in rows:
         r["rows_per_s"] = round(r["rows"] / r["seconds"], 1)
         r["x_limit"] = round(limit / r["seconds"], 3) if limit else None
-        r["x_seed"] = round(seed / r["seconds"], 2) if seed else None
+        r["x_executemany"] = round(naive / r["seconds"], 2) if naive else None
     report = {"lines": lines, "bytes": manifest["bytes"], "dim": DIM, "methods": rows}
     if rss_lines:
         big = setup(data_dir, rss_lines, limit_file=False)

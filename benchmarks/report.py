@@ -16,11 +16,11 @@ def _f(x, nd=2):
 def ingest_table(r: dict) -> str:
     out = [f"**Result ingest**, {r['lines']:,} lines of {r['dim']}-d classic-model output "
            f"({r['bytes'] / 2**20:,.0f} MiB JSONL) → READY rows:", "",
-           "| method | seconds | rows/s | × limit | × seed | peak RSS MiB | vectors = limit's (same storage) |",
+           "| method | seconds | rows/s | × limit | × executemany | peak RSS MiB | vectors = limit's (same storage) |",
            "|---|---:|---:|---:|---:|---:|:---:|"]
     for m in r["methods"]:
         out.append(f"| {m['label']} | {_f(m['seconds'])} | {m['rows_per_s']:,.0f} | {_f(m['x_limit'])} | "
-                   f"{_f(m['x_seed'])} | {_f(m['rss_mib'], 0)} | { {True: 'yes', False: 'NO', None: '(fp16)'}[m['vectors_match_limit']] } |")
+                   f"{_f(m['x_executemany'])} | {_f(m['rss_mib'], 0)} | { {True: 'yes', False: 'NO', None: '(fp16)'}[m['vectors_match_limit']] } |")
     sizes = [f"{m['label']}: {m['table_mib']:,.0f} MiB" for m in r["methods"] if m.get("table_mib")]
     if sizes:
         out += ["", "Vector table size after the COPY (heap + TOAST + indexes): " + "; ".join(sizes) + "."]

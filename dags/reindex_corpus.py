@@ -7,7 +7,7 @@ into the corpus's vector table, build the cosine index, and close the batch as
 
 | task | what it does |
 |---|---|
-| `ensure_schema` | validates Params (and their combinations), the backend's settings and the corpus (exists, readable, not empty) before any write; migrates the store schema, registers the model and its vector table. A refusal fails this task alone, with its message |
+| `prepare` | validates Params (and their combinations), the backend's settings and the corpus (exists, readable, not empty) before any write; migrates the store schema, registers the model and its vector table. A refusal fails this task alone, with its message |
 | `chunk_corpus` | takes the corpus's lease (waits or fails if another run writes it), streams the corpus (.txt/.md/.jsonl/.parquet), sanitizes, chunks new and changed documents only, merges documents and chunks (deleted documents lose theirs); a chunk whose text already has a vector is reused, only the rest are claimed |
 | `plan_partitions` | splits the claimed chunks into id ranges (≤ 256 mapped tasks) |
 | `encode_partition` | mapped: encodes a range and loads its vectors; failures are recorded per chunk |
@@ -41,7 +41,7 @@ from reindex_airflow.wiring import embed_and_close
     params=corpus_params(),
 )
 def reindex_corpus():
-    prepared = task(t.ensure_schema)()
+    prepared = task(t.prepare)()
     manifest = task(t.chunk_corpus)(prepared)
     embed_and_close(manifest)
 

@@ -58,7 +58,7 @@ def _check_backend_settings(cfg) -> None:
 
 
 @task_outcome
-def ensure_schema(params: dict | None = None) -> dict:
+def prepare(params: dict | None = None) -> dict:
     """Validate the run's parameters, the backend's settings and the corpus (exists, readable, not empty),
     then migrate the store schema, register the model and its vector table.
 

@@ -69,7 +69,7 @@ def test_model_upgrade_shape(dagbag):
 def test_reindex_corpus_shape(dagbag):
     dag = dagbag.get_dag("reindex_corpus")
     ids = {t.task_id for t in dag.tasks}
-    assert ids == {"ensure_schema", "chunk_corpus", "choose_backend", "plan_partitions", "encode_partition",
+    assert ids == {"prepare", "chunk_corpus", "choose_backend", "plan_partitions", "encode_partition",
                    "submit_vertex_batch", "plan_result_ranges", "ingest_results", "close_results",
                    "build_index", "summarize", "branch", "done", "trigger_retry", "fail_batch"}
     assert dag.get_task("choose_backend").downstream_task_ids == {"plan_partitions", "submit_vertex_batch"}

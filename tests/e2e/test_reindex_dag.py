@@ -231,15 +231,15 @@ def test_a_bad_parameter_combination_fails_once_with_its_message(corpus_dag, sto
     message, no task retries, nothing downstream fails with a second traceback, and nothing is written."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from reindex_airflow.tasks import ensure_schema
+    from reindex_airflow.tasks import prepare
 
     (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
     conf = {"corpus": "bad_combo", "corpus_uri": str(tmp_path), "max_tokens": 100, "overlap_tokens": 90}
     with pytest.raises(AirflowFailException, match=r"^overlap_tokens=90 is out of range: must be between 0 and 50$"):
-        ensure_schema(conf)
+        prepare(conf)
     dr = corpus_dag.test(run_conf=conf)
     states = _ti_states(dr)
-    assert dr.state == "failed" and _failed(dr) == ["ensure_schema"], states
+    assert dr.state == "failed" and _failed(dr) == ["prepare"], states
     assert states["build_index"] == states["summarize"] == "skipped"
     assert states["done"] == "upstream_failed"
     from airflow import settings
@@ -247,7 +247,7 @@ def test_a_bad_parameter_combination_fails_once_with_its_message(corpus_dag, sto
 
     with settings.Session() as session:
         tries = session.query(TaskInstance.try_number).filter(
-            TaskInstance.run_id == dr.run_id, TaskInstance.task_id == "ensure_schema").scalar()
+            TaskInstance.run_id == dr.run_id, TaskInstance.task_id == "prepare").scalar()
     assert tries == 1  # a terminal input error is not retried
     (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'bad_combo'").format(
         store_conn.t("corpora")))
@@ -261,18 +261,18 @@ def test_a_missing_or_empty_corpus_is_refused_before_any_write(corpus_dag, store
         root.mkdir()
         (root / "notes.csv").write_text("a,b", encoding="utf-8")
     dr = corpus_dag.test(run_conf={"corpus": f"refused_{make}", "corpus_uri": str(root)})
-    assert dr.state == "failed" and _failed(dr) == ["ensure_schema"], _ti_states(dr)
+    assert dr.state == "failed" and _failed(dr) == ["prepare"], _ti_states(dr)
     for table in ("corpora", "embedding_stores", "batches"):
         (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(store_conn.t(table)),
                                  (f"refused_{make}",))
         assert rows == 0, table
-    from reindex_airflow.tasks import ensure_schema
+    from reindex_airflow.tasks import prepare
 
     expected = "does not exist" if make == "missing" else r"is empty: no \.txt, \.md, \.jsonl or \.parquet document"
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match=rf"corpus 'refused_{make}' at .* {expected}"):
-        ensure_schema({"corpus": f"refused_{make}", "corpus_uri": str(root)})
+        prepare({"corpus": f"refused_{make}", "corpus_uri": str(root)})
 
 
 def test_a_refused_model_upgrade_leaves_the_corpus_free(dagbag, corpus_dag, store_conn, tmp_path):

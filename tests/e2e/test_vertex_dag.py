@@ -209,15 +209,15 @@ def test_a_vertex_run_without_a_project_is_refused_in_its_first_task(dagbag, ver
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     from airflow.sdk.exceptions import AirflowFailException
 
-    from reindex_airflow.tasks import ensure_schema
+    from reindex_airflow.tasks import prepare
 
     with pytest.raises(AirflowFailException, match=r"backend 'vertex' needs a project: set REINDEX_VERTEX_PROJECT"):
-        ensure_schema({"corpus": "vertex_noproject", "corpus_uri": str(tmp_path), "backend": "vertex"})
+        prepare({"corpus": "vertex_noproject", "corpus_uri": str(tmp_path), "backend": "vertex"})
     dr = dagbag.get_dag("reindex_corpus").test(run_conf={
         "corpus": "vertex_noproject", "corpus_uri": str(tmp_path), "backend": "vertex",
         "model": "text-embedding-005", "output_dimensionality": 768})
     states = _states(dr)
-    assert dr.state == "failed" and [t for t, s in states.items() if s == "failed"] == ["ensure_schema"], states
+    assert dr.state == "failed" and [t for t, s in states.items() if s == "failed"] == ["prepare"], states
     assert vertex_env.stats()["create_calls"] == 0
     (rows,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'vertex_noproject'").format(
         store_conn.t("corpora")))

@@ -97,7 +97,7 @@ def test_a_database_crash_mid_load_fails_the_task_and_its_retry_heals_it(second_
 
     params = {"corpus": corpus, "corpus_uri": str(root), "backend": "local", "model": "", "on_busy": "fail"}
     run = SimpleNamespace(dag_id="reindex_corpus", run_id="manual__fault_db_restart", start_date=None)
-    prepared = tasks.ensure_schema(params)
+    prepared = tasks.prepare(params)
     manifest = tasks.chunk_corpus(prepared, dag_run=run)
     assert (manifest["documents"], manifest["pending"]) == (600, 600)
     (partition,) = tasks.plan_partitions(manifest)

@@ -102,10 +102,10 @@ def test_a_lost_workers_half_done_batch_is_abandoned_and_finished_by_the_next_ru
                                                 + "\n" for d in ids), encoding="utf-8")
     conf = corpus_dag.conf(corpus=corpus, corpus_uri=str(root), on_busy="fail")
 
-    # The lost run: its ensure_schema ran, then its chunk_corpus and encode_partition ran in a worker that is
+    # The lost run: its prepare ran, then its chunk_corpus and encode_partition ran in a worker that is
     # killed inside the transaction of its second vector block.
     airflow_run(LOST_RUN, conf)
-    prepared = tasks.ensure_schema(conf)
+    prepared = tasks.prepare(conf)
     dead_batch = pipeline.batch_id_for("reindex_corpus", LOST_RUN, corpus)
     child = spawn(dsn=store_uri, schema=store_conn.schema, app="fault-lost-worker", config=prepared["config"],
                   spec=prepared["model"], batch_id=dead_batch, run_id=LOST_RUN, dag_id="reindex_corpus",
