@@ -98,10 +98,13 @@ def dagbag(airflow_db):
 
 @pytest.fixture
 def store_conn(store_uri):
-    """A ``Store`` on the default ``reindex`` schema — the one the DAGs' ``reindex_pg`` connection uses."""
+    """A ``Store`` on the default ``reindex`` schema — the one the DAGs' ``reindex_pg`` connection uses —
+    migrated, so a test that runs alone can count rows even when the run it checks wrote nothing."""
     from reindex.store import Store, connect
+    from reindex.store.schema import ensure_schema
 
     with connect(store_uri, autocommit=True) as conn:
+        ensure_schema(Store(conn))
         yield Store(conn)
 
 
