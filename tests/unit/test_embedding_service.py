@@ -155,6 +155,9 @@ def test_validation_errors_are_400_and_name_the_item(client):
     assert (r.status_code, r.json()) == (400, {"detail": "items[0].text: field required"})
     r = client.post("/embed/batch", content=b'{"items": [', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["detail"].startswith("invalid JSON")
+    r = client.post("/embed/batch", content=b'{"items": [{"id": "a", "text": "x\\ud800"}]}',
+                    headers={"content-type": "application/json"})
+    assert r.json() == {"detail": "items[0].text: not valid Unicode (lone surrogate at character 1)"}
     r = client.post("/embed", json={"text": "y" * 10001})
     assert (r.status_code, r.json()) == (400, {"detail": "text: text has 10001 characters, more than "
                                                          "MAX_TEXT_LENGTH=10000"})
@@ -378,6 +381,10 @@ def test_model_change_after_n_successful_requests(svc, client):
     r = client.post("/v1/embeddings", json={"input": "same", "model": HASH_MODEL + "-v2"})
     assert r.headers["X-Model-Checksum"] == new_cs and len(r.json()["data"][0]["embedding"]) == 256
     assert svc.stats()["model"]["changed"] is True and svc.stats()["faults"]["model_change"] == 1
+    svc.set_faults(accept_old_model_name=True)  # the old name as an alias of the model serving now
+    r = client.post("/v1/embeddings", json={"input": "same", "model": HASH_MODEL})
+    assert (r.status_code, r.headers["X-Model-Checksum"], r.json()["model"]) == (200, new_cs, HASH_MODEL + "-v2")
+    assert client.post("/v1/embeddings", json={"input": "same", "model": "never-served"}).status_code == 404
 
     svc.reset()  # back to the start-up model; the fault is re-armed
     assert client.get("/model-info").json()["model_checksum"] == old_cs
@@ -461,7 +468,8 @@ def test_noop_embedder_answers_one_constant_unit_vector(start):
 
 
 def test_cli_runs_as_a_subprocess_until_sigterm():
-    env = {**os.environ, "REINDEX_SERVICE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REINDEX_SERVICE_")}
+    env.update(REINDEX_SERVICE_API_KEY=KEY, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "reindex.emulators.embedding_service", "--port", "0",
                              "--embedder", "hash", "--seed-limits", "--faults", json.dumps({"status_503": 1}),
                              "--log-level", "WARNING"],

@@ -171,6 +171,11 @@ def build_fastapi(state: ServiceState) -> FastAPI:
             elif len(text) > cfg.max_text_length:
                 problems.append(f"{name}: text has {len(text)} characters, more than "
                                 f"MAX_TEXT_LENGTH={cfg.max_text_length}")
+            else:
+                try:  # JSON can carry a lone surrogate ("\ud800"); no model can tokenize it
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    problems.append(f"{name}: not valid Unicode (lone surrogate at character {exc.start})")
         if problems:
             raise ApiError(400, "; ".join(problems))
 
@@ -246,7 +251,7 @@ def build_fastapi(state: ServiceState) -> FastAPI:
             raise ApiError(400, "input: must be a string or a list of strings")
         check_texts(texts, names)
         model = state.model()
-        if body.model != model.name:
+        if not state.accepts_model_name(body.model):
             raise ApiError(404, f"The model `{body.model}` does not exist; this service serves `{model.name}`",
                            code="model_not_found")
         if body.encoding_format not in ("float", "base64"):

@@ -34,7 +34,9 @@ class Faults:
     - ``invalid_marker``: a text containing it fails its request with 400 naming the item.
     - ``model_change_after``: after N successful embedding requests the service serves another
       model, ``new_model_name`` (default: the model name + ``-v2``), ``new_dim`` dimensions
-      (default: unchanged).
+      (default: unchanged). ``accept_old_model_name``: ``/v1/embeddings`` still accepts the names of
+      models served before (an alias now pointing at the new model: only the ``X-Model-Checksum``
+      header and the response's ``model`` tell the change); otherwise an old name is 404.
     """
 
     drop_connections: int = 0
@@ -48,6 +50,7 @@ class Faults:
     model_change_after: int | None = None
     new_model_name: str | None = None
     new_dim: int | None = None
+    accept_old_model_name: bool = False
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -59,7 +62,8 @@ class Faults:
             need(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, not {value!r}")
         need(self.retry_after is None or (_is_int(self.retry_after) and self.retry_after >= 0),
              f"retry_after must be null or an integer >= 0, not {self.retry_after!r}")
-        need(isinstance(self.forbidden, bool), f"forbidden must be true or false, not {self.forbidden!r}")
+        for name in ("forbidden", "accept_old_model_name"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, not {getattr(self, name)!r}")
         need(isinstance(self.slow_seconds, int | float) and not isinstance(self.slow_seconds, bool)
              and self.slow_seconds >= 0, f"slow_seconds must be a number >= 0, not {self.slow_seconds!r}")
         need(self.invalid_marker is None or (isinstance(self.invalid_marker, str) and self.invalid_marker != ""),

@@ -149,6 +149,7 @@ class ServiceState:
 
     def _zero(self) -> None:
         self._model = self.base_model
+        self._served_names = {self.base_model.name}
         self._model_changed = False
         self._successes = 0
         self._successes_at_faults = 0
@@ -193,10 +194,20 @@ class ServiceState:
                 name = f.new_model_name or f"{old.name}-v2"
                 self._model = ModelIdentity(name, old.version, f.new_dim or old.dimensions)
                 self._model_changed = True
+                self._served_names.add(name)
                 self.faults.served("model_change")
                 log.warning("embedding service: model changed from %s (%s) to %s (%s)", old.name, old.checksum,
                             self._model.name, self._model.checksum)
             return self._model
+
+    def accepts_model_name(self, name: str) -> bool:
+        """Whether ``/v1/embeddings`` serves a request for ``name`` (the current model's name, or with
+        ``accept_old_model_name`` one served before)."""
+        current = self.model()
+        if name == current.name:
+            return True
+        with self._lock:
+            return self.faults.faults.accept_old_model_name and name in self._served_names
 
     # --- counters ----------------------------------------------------------------------------------
 
