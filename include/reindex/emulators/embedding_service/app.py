@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 from typing import Any
 
@@ -22,6 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - pinned in constraints.txt; json is the slow fallback
+    orjson = None
 
 from reindex.emulators.embedding_service.config import (
     SEED_RATE_LIMIT,
@@ -88,6 +94,15 @@ def error_response(path: str, status: int, message: str, *, kind: str | None = N
     else:
         body = {"detail": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def dump_json(content: dict[str, Any]) -> bytes:
+    """JSON bytes; numpy vectors are written directly (orjson), each float32 as its shortest repr, which
+    reads back as the same float32. Serialising 128 x 384 floats with ``json`` would cost more than
+    a client's own overhead, which the noop embedder is there to measure."""
+    if orjson is not None:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(content, default=lambda v: v.tolist(), separators=(",", ":")).encode()
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:
@@ -196,14 +211,15 @@ def build_fastapi(state: ServiceState) -> FastAPI:
             state.faults.served("invalid_marker")
             raise ApiError(400, "; ".join(bad), code="invalid_input")
 
-    def answer(content: dict[str, Any], model: ModelIdentity) -> JSONResponse:
+    def answer(content: dict[str, Any], model: ModelIdentity) -> Response:
         # The checksum as a header too: OpenAI-shaped bodies have no field for it.
-        return JSONResponse(content, headers={"X-Model-Checksum": model.checksum})
+        return Response(dump_json(content), media_type="application/json",
+                        headers={"X-Model-Checksum": model.checksum})
 
     # --- protocol seed004 ---------------------------------------------------------------------------
 
     @app.post("/embed", dependencies=auth)
-    async def embed(body: EmbedRequest, request: Request) -> JSONResponse:
+    async def embed(body: EmbedRequest, request: Request) -> Response:
         """One text → ``{"embedding", "dimensions", "cached", "model_version", "model_checksum"}``."""
         texts, names = [body.text], ["text"]
         check_texts(texts, names)
@@ -212,11 +228,11 @@ def build_fastapi(state: ServiceState) -> FastAPI:
         model = state.model()
         vectors, cached = await state.vectors(texts, model)
         state.count_success(1)
-        return answer({"embedding": vectors[0].tolist(), "dimensions": model.dimensions, "cached": cached[0],
+        return answer({"embedding": vectors[0], "dimensions": model.dimensions, "cached": cached[0],
                        "model_version": model.version, "model_checksum": model.checksum}, model)
 
     @app.post("/embed/batch", dependencies=auth)
-    async def embed_batch(body: BatchRequest, request: Request) -> JSONResponse:
+    async def embed_batch(body: BatchRequest, request: Request) -> Response:
         """``{"items": [{"id", "text"}]}`` → results in request order, with per-item ``cached``."""
         check_count(len(body.items), "items")
         texts = [item.text for item in body.items]
@@ -227,7 +243,7 @@ def build_fastapi(state: ServiceState) -> FastAPI:
         model = state.model()
         state.count_batch(len(texts))
         vectors, cached = await state.vectors(texts, model)
-        rows = np.stack(vectors).tolist()
+        rows = np.stack(vectors)
         results = [{"id": item.id, "embedding": row, "cached": hit}
                    for item, row, hit in zip(body.items, rows, cached, strict=True)]
         state.count_success(len(texts))
@@ -238,7 +254,7 @@ def build_fastapi(state: ServiceState) -> FastAPI:
     # --- protocol openai ----------------------------------------------------------------------------
 
     @app.post("/v1/embeddings", dependencies=auth)
-    async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> JSONResponse:
+    async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
         """OpenAI's embeddings API: ``input`` a string or a list of strings."""
         if isinstance(body.input, str):
             texts, names = [body.input], ["input"]
@@ -271,7 +287,7 @@ def build_fastapi(state: ServiceState) -> FastAPI:
         if body.encoding_format == "base64":
             encoded: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in matrix]
         else:
-            encoded = matrix.tolist()
+            encoded = list(matrix)
         tokens = await state.count_tokens(texts)
         state.count_success(len(texts))
         data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)]
