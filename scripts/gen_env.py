@@ -43,6 +43,7 @@ SECRETS: dict[str, Callable[[], str]] = {
     "POSTGRES_PASSWORD": password,
     "REDIS_PASSWORD": password,
     "GRAFANA_ADMIN_PASSWORD": password,
+    "REINDEX_SERVICE_API_KEY": password,
 }
 
 

@@ -164,3 +164,46 @@ def model_768(tmp_path_factory):
     mods = [base[0], base[1], dense, models.Normalize()]
     SentenceTransformer(modules=mods, device="cpu").save(str(path))
     return path
+
+
+def _params_at_defaults(dag, defaults: dict):
+    """Put a session DAG's Params back to ``defaults``: dag.test() writes a run's conf into the Param objects
+    of the session's DAG (other test files' runs included), so a value one test passes — or a key it adds —
+    would carry over to the runs of later tests."""
+    from airflow.sdk.definitions._internal.types import NOTSET
+
+    holders = [dag.params, *(t.params for t in dag.tasks)]
+
+    def reset() -> None:
+        for holder in holders:
+            for key in [k for k in holder if k not in defaults]:
+                del holder[key]
+            for key, value in defaults.items():
+                if key in holder and value is not NOTSET:  # a required Param (no default): every run names it
+                    holder[key] = value
+
+    return reset
+
+
+@pytest.fixture
+def corpus_dag(dagbag):
+    """reindex_corpus with its Params at the form's defaults before and after the test."""
+    from reindex_airflow.params import corpus_params
+
+    dag = dagbag.get_dag("reindex_corpus")
+    reset = _params_at_defaults(dag, {k: p.value for k, p in corpus_params().items()})
+    reset()
+    yield dag
+    reset()
+
+
+@pytest.fixture
+def upgrade_dag(dagbag):
+    """reindex_model_upgrade with its Params at the form's defaults before and after the test."""
+    from reindex_airflow.params import upgrade_params
+
+    dag = dagbag.get_dag("reindex_model_upgrade")
+    reset = _params_at_defaults(dag, {k: p.value for k, p in upgrade_params().items()})
+    reset()
+    yield dag
+    reset()

@@ -2,7 +2,8 @@
 
 A backend knows its model (spec, stored as the run's ``storage``; tokenizer; token limit) and how a
 partition of chunks gets its vectors. ``local`` encodes in the worker with sentence-transformers;
-``vertex`` writes request files to GCS and runs Vertex AI batch prediction jobs.
+``vertex`` writes request files to GCS and runs Vertex AI batch prediction jobs; ``service`` calls a
+remote embedding service over HTTP.
 """
 
 from __future__ import annotations
@@ -76,7 +77,46 @@ class VertexBackend:
         return MAX_TOKENS_PER_TEXT
 
 
-BACKENDS: dict[Backend, type] = {Backend.LOCAL: LocalBackend, Backend.VERTEX: VertexBackend}
+class ServiceBackend:
+    """A remote embedding service over HTTP (``reindex.service``): the model is whatever the service serves
+    (its name, checksum and dimension), asked once per task. Chunking counts tokens with the bundled
+    tokenizer; the service's own limit is in characters (``max_text_length``), checked per text."""
+
+    name = Backend.SERVICE.value
+
+    def __init__(self, cfg: ReindexConfig, settings=None) -> None:
+        from dataclasses import replace
+
+        from reindex.config import SERVED_MODEL
+        from reindex.service.settings import settings_for
+
+        self.cfg = cfg
+        settings = settings or settings_for(cfg.service_conn_id)
+        if cfg.model and cfg.model != SERVED_MODEL:
+            settings = replace(settings, model=cfg.model)  # the model to ask for (openai) or to insist on
+        self.settings = settings
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from reindex.service.client import ServiceEncoder
+
+            self._encoder = ServiceEncoder(self.settings, normalize=self.cfg.normalize)
+        return self._encoder
+
+    def model_spec(self) -> ModelSpec:
+        return self.encoder.spec.stored_as(self.cfg.storage)
+
+    def tokenizer_path(self) -> Path:
+        return resolve_model_path("default")
+
+    def token_limit(self) -> int | None:
+        return None
+
+
+BACKENDS: dict[Backend, type] = {Backend.LOCAL: LocalBackend, Backend.VERTEX: VertexBackend,
+                                 Backend.SERVICE: ServiceBackend}
 
 
 def backend_for(cfg: ReindexConfig) -> EmbeddingBackend:

@@ -33,7 +33,7 @@ _RATE = re.compile(r"rate limit|rate-limit|too many requests|resource exhausted|
 _TOO_LONG = re.compile(
     r"too long|token limit|exceeds? (?:the )?(?:max\w*|limit)|\bexceed\w*\b[^.]{0,60}\btokens?\b"
     r"|\btokens?\b[^.]{0,60}\bexceed|max(?:imum)? (?:input )?(?:number of )?tokens|longer than"
-    r"|input is too large|context length")
+    r"|input is too large|context length|max_text_length|characters?, more than")
 _BAD_CHARS = re.compile(
     r"invalid (?:unicode|utf-?8|characters?|bytes?|encoding)|control characters?|non-?printable"
     r"|surrogate|malformed utf|not valid utf|utf-?8 (?:decod|encod)\w* error|(?:decode|encode|encoding) error")

@@ -28,6 +28,7 @@ DEFAULT_MAX_FAILED_RATIO = 0.01
 class Backend(StrEnum):
     LOCAL = "local"
     VERTEX = "vertex"
+    SERVICE = "service"  # a remote embedding service over HTTP (seed004 or OpenAI-compatible)
 
 
 class IndexType(StrEnum):
@@ -36,7 +37,9 @@ class IndexType(StrEnum):
     NONE = "none"
 
 
-DEFAULT_MODELS = {Backend.LOCAL: DEFAULT_MODEL, Backend.VERTEX: "text-embedding-005"}
+# ``served``: whatever model the embedding service serves (its name and checksum become the corpus's model).
+SERVED_MODEL = "served"
+DEFAULT_MODELS = {Backend.LOCAL: DEFAULT_MODEL, Backend.VERTEX: "text-embedding-005", Backend.SERVICE: SERVED_MODEL}
 
 
 class Storage(StrEnum):
@@ -101,6 +104,9 @@ class ReindexConfig:
     # When the corpus already has an active model, use it instead of ``model`` (nightly runs: the
     # configured model only seeds a new corpus; reindex_model_upgrade is how a corpus changes model).
     follow_active_model: bool = False
+    # service: the Airflow connection of the embedding service (None: REINDEX_SERVICE_CONN_ID, default
+    # ``reindex_embedding_service``).
+    service_conn_id: str | None = None
 
     def __post_init__(self) -> None:
         validate_corpus_name(self.corpus)
@@ -146,6 +152,9 @@ class ReindexConfig:
                 f"on_busy {self.on_busy!r} is not supported: choose one of {[o.value for o in OnBusy]}"
             ) from None
         _check_range("busy_wait_seconds", self.busy_wait_seconds, BUSY_WAIT_RANGE)
+        if self.service_conn_id is not None and (not isinstance(self.service_conn_id, str)
+                                                 or not self.service_conn_id.strip()):
+            raise ConfigError(f"service_conn_id must be a connection id, got {self.service_conn_id!r}")
         ratio = self.max_failed_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
             raise ConfigError(f"max_failed_ratio={ratio!r} is out of range: must be a number between 0 and 1")

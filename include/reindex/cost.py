@@ -64,13 +64,15 @@ _CLASSIC_SOURCE = (f"{CONFIGURE}: classic Vertex embedding models are billed per
                    f"no checked price is bundled. Set ${PRICES_ENV}")
 
 # The built-in table, keyed "<backend>/<model id>" (the model id without "publishers/google/models/"
-# and without "@revision"). "local/*" covers every local model.
+# and without "@revision"). "local/*" covers every local model, "service/*" every embedding service's.
 PRICES: dict[str, Price] = {
     "vertex/gemini-embedding-001": Price(UNIT_TOKENS, 0.15, 0.075, "2025-09-10", _GEMINI_SOURCE),
     "vertex/text-embedding-005": Price(UNIT_CHARACTERS, None, None, None, _CLASSIC_SOURCE),
     "vertex/text-multilingual-embedding-002": Price(UNIT_CHARACTERS, None, None, None, _CLASSIC_SOURCE),
     "local/*": Price(UNIT_COMPUTE, 0.0, 0.0, None,
                      "local encoding: no API charge; the machine's compute is reported in seconds"),
+    "service/*": Price(UNIT_COMPUTE, 0.0, 0.0, None,
+                       "your own embedding service: no API charge; the time spent encoding is reported in seconds"),
 }
 
 
@@ -192,19 +194,23 @@ def estimate(backend: str, model: str, *, tokens: int, characters: int, batch: b
 # --- the store side -------------------------------------------------------------------------------
 
 def record_partition_usage(store: Store, batch_id: str, part: str, *, reported_tokens: int = 0,
-                           seconds: float = 0.0) -> None:
+                           seconds: float = 0.0, service: dict | None = None) -> None:
     """Keep one mapped task's usage on the batch row (``details->'usage_parts'->part``).
 
     ``part``: the task's stable name (e.g. ``"ingest_results/3"``); a rerun of the same task
     overwrites its own entry, so the sums in ``batch_usage`` never count a task twice.
     ``reported_tokens``: the service's token counts of the lines this task read (``ingest_ranges``'s
-    ``"tokens"``); ``seconds``: the task's encode or ingest seconds.
+    ``"tokens"``); ``seconds``: the task's encode or ingest seconds; ``service``: the embedding service's
+    counters for this task (``texts``, ``cached``, ``requests``, ``retries``, ``bisections``).
     """
+    entry: dict = {"reported_tokens": int(reported_tokens), "seconds": float(seconds)}
+    if service:
+        entry["service"] = {k: int(v) for k, v in service.items()}
     store.execute(sql.SQL("""UPDATE {} SET details = jsonb_set(
             CASE WHEN jsonb_typeof(details->'usage_parts') = 'object' THEN details
                  ELSE details || '{{"usage_parts": {{}}}}'::jsonb END,
             ARRAY['usage_parts', %s], %s) WHERE batch_id = %s""").format(store.t("batches")),
-        (part, Jsonb({"reported_tokens": int(reported_tokens), "seconds": float(seconds)}), batch_id))
+        (part, Jsonb(entry), batch_id))
 
 
 def batch_usage(store: Store, batch_id: str) -> dict:
@@ -214,7 +220,8 @@ def batch_usage(store: Store, batch_id: str) -> dict:
     "tokenizer_tokens", "reported_tokens", "characters", "compute_seconds"}``: ``chunks`` READY with
     this batch id, ``texts`` distinct contents among them (what was sent), ``tokenizer_tokens`` and
     ``characters`` summed over those texts, ``reported_tokens`` / ``compute_seconds`` summed over
-    ``record_partition_usage`` entries. ``tokens`` is ``reported_tokens`` when the service reported
+    ``record_partition_usage`` entries, and ``service`` (only for the service backend) their summed
+    service counters. ``tokens`` is ``reported_tokens`` when the service reported
     any (``token_source = "service"``), else ``tokenizer_tokens`` (``"tokenizer"``). Raises
     ``ValueError`` for an unknown batch id.
     """
@@ -234,10 +241,17 @@ def batch_usage(store: Store, batch_id: str) -> dict:
     entries = parts.values() if isinstance(parts, dict) else []
     reported = sum(int(e.get("reported_tokens") or 0) for e in entries)
     seconds = round(sum(float(e.get("seconds") or 0.0) for e in entries), 3)
-    return {"batch_id": batch_id, "backend": backend, "model": model, "chunks": int(chunks), "texts": int(texts),
+    service: dict[str, int] = {}
+    for e in entries:
+        for k, v in (e.get("service") or {}).items():
+            service[k] = service.get(k, 0) + int(v)
+    usage = {"batch_id": batch_id, "backend": backend, "model": model, "chunks": int(chunks), "texts": int(texts),
             "tokens": reported if reported else int(tok), "token_source": "service" if reported else "tokenizer",
             "tokenizer_tokens": int(tok), "reported_tokens": reported, "characters": int(chars),
             "compute_seconds": seconds}
+    if service:  # an embedding service's counters (its cache hits among them)
+        usage["service"] = service
+    return usage
 
 
 def batch_cost(store: Store, batch_id: str, *, prices: Mapping[str, Price] | None = None) -> dict:

@@ -54,6 +54,15 @@ class CorpusBusyError(ReindexError, TransientError):
         self.holder = holder
 
 
+class ServiceAuthError(ReindexError, TerminalError):
+    """The embedding service refused the run's credentials (HTTP 401/403): no chunk is to blame, nothing is
+    retried; the message names the service and the connection to fix (never the key)."""
+
+
+class ServiceUnavailableError(ReindexError, TransientError):
+    """The embedding service could not be reached or answered 5xx where no chunk is concerned (model info)."""
+
+
 def is_terminal(exc: BaseException) -> bool:
     """Whether retrying cannot help: a ``TerminalError`` (anything else is left to the caller's retries)."""
     return isinstance(exc, TerminalError)
@@ -79,6 +88,7 @@ class ErrorCode(StrEnum):
     JOB_FAILED = "JOB_FAILED"  # the batch job ended FAILED / CANCELLED / EXPIRED without a result for it
     SUBMIT_FAILED = "SUBMIT_FAILED"  # the batch job could not be submitted (configuration, permission)
     ABANDONED = "ABANDONED"  # its run died holding the corpus; another run took the corpus over
+    MODEL_CHANGED = "MODEL_CHANGED"  # the embedding service answered with another model than the batch's
     DECODE_ERROR = "DECODE_ERROR"  # documents only: not UTF-8
     UNREADABLE = "UNREADABLE"  # documents only: a path that could not be read (permission, loop, corrupt, I/O)
     BAD_DOCUMENT = "BAD_DOCUMENT"  # documents only: missing id/text, too large, invalid JSON

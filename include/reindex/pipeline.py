@@ -8,6 +8,7 @@ vectors, so manifests can travel through XCom.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -72,7 +73,7 @@ def check_index_dim(cfg: ReindexConfig, spec: ModelSpec) -> None:
 def model_config(cfg: ReindexConfig) -> dict:
     """What the model registry keeps so a later run (nightly, search) can load the same model again."""
     return {"model": cfg.model, "backend": cfg.backend.value, "output_dimensionality": cfg.output_dimensionality,
-            "normalize": cfg.normalize, "storage": cfg.storage.value}
+            "normalize": cfg.normalize, "storage": cfg.storage.value, "service_conn_id": cfg.service_conn_id}
 
 
 def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
@@ -89,7 +90,8 @@ def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
         resolved = dataclasses.replace(
             cfg, model=conf["model"], backend=Backend(conf["backend"]),
             output_dimensionality=conf.get("output_dimensionality"), normalize=conf.get("normalize", True),
-            storage=Storage(conf.get("storage", Storage.VECTOR)))
+            storage=Storage(conf.get("storage", Storage.VECTOR)),
+            service_conn_id=cfg.service_conn_id or conf.get("service_conn_id"))
         if (resolved.model, resolved.backend, resolved.storage) != (cfg.model, cfg.backend, cfg.storage):
             log.info("corpus %s follows its active model %s (%s, %s) rather than %s (%s, %s)", cfg.corpus,
                      resolved.model, resolved.backend.value, resolved.storage.value, cfg.model, cfg.backend.value,
@@ -119,6 +121,15 @@ def prepare(store: Store, cfg: ReindexConfig) -> dict:
     check_token_limit(cfg, backend.token_limit())
     spec = backend.model_spec()
     check_index_dim(cfg, spec)
+    active = active_model(store, cfg.corpus)
+    if active is not None and spec.checksum != active["model_checksum"]:
+        # Only a followed model gets here (resolve_model refuses a named one): its backend now gives another
+        # model than the corpus's store holds, e.g. an embedding service that deployed a new model.
+        raise ConfigError(
+            f"corpus {cfg.corpus!r} is indexed with model {active['model_id']} ({active['dim']}-d, checksum "
+            f"{active['model_checksum']}), but backend {cfg.backend.value!r} now gives {spec.model_id} ({spec.dim}-d, "
+            f"checksum {spec.checksum}). Nothing was written. Move the corpus to the new model with the "
+            "reindex_model_upgrade DAG (new store, atomic switch), or restore the previous model.")
     with store.conn.transaction():
         emb = ensure_embedding_store(store, cfg.corpus, spec, config=model_config(cfg))
     return {"model": spec.to_dict(), "model_checksum": spec.checksum, "vector_table": emb.table_name,
@@ -270,22 +281,40 @@ def _encode_isolating(encode: Callable[[list[str]], np.ndarray], texts: list[str
 
 def encode_partition(store: Store, cfg: ReindexConfig, partition: dict, *, model_checksum: str,
                      encoder=None) -> dict:
-    """Encode one partition's PENDING chunks locally and load them (COPY); failures are recorded per chunk."""
+    """Encode one partition's PENDING chunks (in the worker, or through the embedding service) and load them
+    (COPY); failures are recorded per chunk."""
     part = batches_store.Partition(**partition)
+    owned = encoder is None
     encoder = encoder or backend_for(cfg).encoder
-    spec = encoder.spec.stored_as(cfg.storage)
-    if spec.checksum != model_checksum:
-        raise StoreError(f"model {cfg.model!r} now has checksum {spec.checksum}, but batch {part.batch_id} "
-                         f"was planned for {model_checksum}: the model changed during the run")
+    try:
+        return _encode_partition(store, cfg, part, model_checksum, encoder)
+    finally:
+        if owned and hasattr(encoder, "close"):
+            encoder.close()
+
+
+def _encode_partition(store: Store, cfg: ReindexConfig, part, model_checksum: str, encoder) -> dict:
+    encode_block = getattr(encoder, "encode_block", None)
+    if encode_block is None:
+        # An in-process model cannot change under a task: a different checksum means the run is inconsistent.
+        spec = encoder.spec.stored_as(cfg.storage)
+        if spec.checksum != model_checksum:
+            raise StoreError(f"model {cfg.model!r} now has checksum {spec.checksum}, but batch {part.batch_id} "
+                             f"was planned for {model_checksum}: the model changed during the run")
+        encode_block = functools.partial(_encode_isolating, encoder.encode)
+    else:
+        # A remote service can switch models at any moment: answers of another model fail MODEL_CHANGED per chunk.
+        encoder.pin(model_checksum, cfg.storage)
+        spec = encoder.spec.stored_as(cfg.storage)
     emb = get_embedding_store(store, cfg.corpus, model_checksum)
     started = time.monotonic()
     done = ready = failed = 0
-    block_rows = max(cfg.encode_batch_size * 8, 512)
+    block_rows = getattr(encoder, "block_size", None) or max(cfg.encode_batch_size * 8, 512)
     for block in batches_store.iter_partition_chunks(store, part, block_rows):
         pks = [r[0] for r in block]
         texts = [r[1] for r in block]
         shas = [r[2] for r in block]
-        ok_idx, parts, failures = _encode_isolating(encoder.encode, texts)
+        ok_idx, parts, failures = encode_block(texts)
         vectors = np.concatenate(parts) if parts else np.empty((0, spec.dim), np.float32)
         checks = validate_vectors(vectors, spec) if len(ok_idx) else []
         keep = [j for j, c in enumerate(checks) if c is None]
@@ -297,8 +326,11 @@ def encode_partition(store: Store, cfg: ReindexConfig, partition: dict, *, model
         log.info("partition %d: loaded %s/%s (%d%%)", part.index, f"{done:,}", f"{part.count:,}",
                  100 * done // max(part.count, 1))
     seconds = time.monotonic() - started
-    return {"batch_id": part.batch_id, "partition": part.index, "chunks": done, "ready": ready, "failed": failed,
-            "seconds": round(seconds, 3), "vectors_per_second": round(ready / seconds, 1) if seconds else None}
+    out = {"batch_id": part.batch_id, "partition": part.index, "chunks": done, "ready": ready, "failed": failed,
+           "seconds": round(seconds, 3), "vectors_per_second": round(ready / seconds, 1) if seconds else None}
+    if getattr(encoder, "stats", None) is not None:  # the service's requests, retries and cache hits
+        out["service"] = dict(encoder.stats)
+    return out
 
 
 def finish_batch(store: Store, cfg: ReindexConfig, batch_id: str, model_checksum: str) -> BatchSummary:

@@ -89,3 +89,28 @@ def retry_policy_values() -> dict:
             "unavailable_seconds": _number("REINDEX_RETRY_UNAVAILABLE_SECONDS", 30.0),
             "max_attempts": int(_number("REINDEX_RETRY_MAX_ATTEMPTS", 3.0)),
             "quota_wait_seconds": _number("REINDEX_QUOTA_RESET_SECONDS", 3600.0)}
+
+
+def service_conn_id() -> str:
+    """``REINDEX_SERVICE_CONN_ID``: the Airflow ``http`` connection of the embedding service (default
+    ``reindex_embedding_service``); a run's ``service_conn_id`` Param overrides it."""
+    return os.environ.get("REINDEX_SERVICE_CONN_ID") or "reindex_embedding_service"
+
+
+def service_env() -> dict:
+    """The embedding service outside Airflow (CLI, scripts, the core's tests): ``REINDEX_SERVICE_URL`` (base
+    URL), ``REINDEX_SERVICE_API_KEY``, ``REINDEX_SERVICE_PROTOCOL`` (``seed004`` | ``openai``) and
+    ``REINDEX_SERVICE_EXTRA`` (JSON, the connection extra's keys). Inside Airflow the connection is used."""
+    import json
+
+    raw = os.environ.get("REINDEX_SERVICE_EXTRA", "").strip()
+    try:
+        extra = json.loads(raw) if raw else {}
+    except ValueError as e:
+        raise ConfigError(f"REINDEX_SERVICE_EXTRA is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ConfigError("REINDEX_SERVICE_EXTRA must be a JSON object, e.g. {\"protocol\": \"openai\"}")
+    if os.environ.get("REINDEX_SERVICE_PROTOCOL"):
+        extra.setdefault("protocol", os.environ["REINDEX_SERVICE_PROTOCOL"])
+    return {"url": os.environ.get("REINDEX_SERVICE_URL", "").strip(),
+            "api_key": os.environ.get("REINDEX_SERVICE_API_KEY") or None, "extra": extra}

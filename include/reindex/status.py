@@ -73,6 +73,10 @@ class BatchSummary:
     tokens: int = 0
     characters: int = 0
     cost: dict = field(default_factory=dict)
+    # service backend: the embedding service's counters (texts, cached, requests, retries, bisections)
+    service: dict = field(default_factory=dict)
+    # Why the batch was stopped as a whole (e.g. the service refused the API key); empty when it was not.
+    halted: str = ""
 
     @property
     def lineage_failed_ratio(self) -> float:
@@ -99,4 +103,7 @@ def outcome_line(summary: dict) -> str:
         parts.append(f"{summary['retriable']} retriable")
     if summary.get("reused"):
         parts.append(f"{summary['reused']} reused")
+    service = summary.get("service") or {}
+    if service.get("texts"):
+        parts.append(f"service cache hits {service.get('cached', 0)}/{service['texts']}")
     return f"corpus {summary['corpus']} batch {summary['batch_id']} " + "; ".join(parts)

@@ -1,4 +1,5 @@
-"""PgVectorHook: a psycopg 3 connection to the pgvector store from an Airflow connection."""
+"""Connections: ``PgVectorHook`` (the pgvector store), ``VertexBatchHook`` (Vertex AI and GCS) and
+``EmbeddingServiceHook`` (the ``service`` backend's embedding service, from an ``http`` connection)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,63 @@ class VertexBatchHook(BaseHook):
         from google.cloud import storage
 
         return storage.Client(project=self.project or "reindex", credentials=self.credentials)
+
+
+class EmbeddingServiceHook(BaseHook):
+    """The embedding service of ``backend=service`` from an Airflow ``http`` connection.
+
+    ``host``: the base URL (``http://gpu-box:8090``, or a bare host with ``schema`` http/https and ``port``);
+    ``password``: the API key (sent as ``X-API-Key`` or ``Authorization: Bearer`` by protocol; never logged);
+    ``extra``: ``{"protocol": "seed004" | "openai", "model", "concurrency", "max_batch_size",
+    "max_text_length", "timeout_seconds", "dimensions", "encoding_format", "max_retry_after_seconds"}``
+    (unknown keys are refused by name).
+    """
+
+    conn_name_attr = "service_conn_id"
+    default_conn_name = "reindex_embedding_service"
+    conn_type = "http"
+    hook_name = "embedding service"
+
+    def __init__(self, service_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service_conn_id = service_conn_id
+
+    def settings(self):
+        """``reindex.service.settings.ServiceSettings`` of the connection (``ConfigError`` when it is missing)."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        from reindex.errors import ConfigError
+        from reindex.service.settings import ServiceSettings
+
+        try:
+            c = self.get_connection(self.service_conn_id)
+        except AirflowNotFoundException:
+            raise ConfigError(
+                f"backend 'service' needs the Airflow connection {self.service_conn_id!r} (type http; host = the "
+                "embedding service's base URL, password = its API key, extra = {\"protocol\": \"seed004\" | "
+                "\"openai\"}): create it (Admin → Connections, or `airflow connections add`), or name another one "
+                "in the run's service_conn_id") from None
+        return ServiceSettings.from_values(base_url(c.host, c.schema, c.port), api_key=c.password,
+                                           extra=c.extra_dejson or {}, conn_id=self.service_conn_id)
+
+    @classmethod
+    def lookup(cls, conn_id: str):
+        return cls(conn_id).settings()
+
+
+def base_url(host: str | None, scheme: str | None, port: int | None) -> str:
+    """``http://host:port`` from an http connection's fields; a host that is already a URL is kept as it is."""
+    host = (host or "").strip()
+    if "://" in host:
+        return host
+    url = f"{scheme or 'http'}://{host}"
+    return f"{url}:{port}" if port else url
+
+
+def _install_service_lookup() -> None:
+    from reindex.service.settings import use_connection_lookup
+
+    use_connection_lookup(EmbeddingServiceHook.lookup)
+
+
+_install_service_lookup()  # the core resolves service connection ids through Airflow from here on

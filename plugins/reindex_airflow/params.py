@@ -33,7 +33,9 @@ SAMPLE_CORPUS = str(Path(__file__).resolve().parents[2] / "include" / "sample_co
 
 def _backend() -> Param:
     return Param(Backend.LOCAL.value, type="string", enum=[b.value for b in Backend], title="Backend",
-                 description="Where embeddings are computed: local sentence-transformers or Vertex AI batch jobs.")
+                 description="Where embeddings are computed: local sentence-transformers, Vertex AI batch jobs, "
+                             "or service: a remote embedding service over HTTP (its Airflow connection: "
+                             "service_conn_id).")
 
 
 def _embedding_params() -> dict[str, Param]:
@@ -56,6 +58,10 @@ def _embedding_params() -> dict[str, Param]:
         "busy_wait_seconds": Param(3600, type="integer", minimum=BUSY_WAIT_RANGE[0], maximum=BUSY_WAIT_RANGE[1],
                                    title="Busy wait (s)",
                                    description="on_busy=wait: give up after this long since the run started."),
+        "service_conn_id": Param(None, type=["null", "string"], title="Service connection",
+                                 description="backend=service: the Airflow http connection of the embedding "
+                                             "service (empty: reindex_embedding_service). Host = base URL, password "
+                                             "= API key, extra = {\"protocol\": \"seed004\" | \"openai\"}."),
     }
 
 
@@ -71,7 +77,9 @@ def corpus_params() -> dict[str, Param]:
                        description="Empty: the corpus's active model (a new corpus gets the bundled "
                                    f"{DEFAULT_MODEL} locally, text-embedding-005 on Vertex). local: "
                                    "sentence-transformers name (local cache) or path; vertex: text-embedding-005, "
-                                   "text-multilingual-embedding-002, gemini-embedding-001. A corpus changes model "
+                                   "text-multilingual-embedding-002, gemini-embedding-001; service: empty or "
+                                   "'served' (the service's model), or the model name to ask for (openai) or insist "
+                                   "on (seed004). A corpus changes model "
                                    "only through reindex_model_upgrade."),
         "output_dimensionality": Param(None, type=["null", "integer"], minimum=1, maximum=3072,
                                        title="Output dimensionality",
@@ -105,7 +113,8 @@ def upgrade_params() -> dict[str, Param]:
                         title="Corpus name", description="The corpus to re-embed (required)."),
         "model": Param(type="string", minLength=1, title="Target model",
                        description="Required. local: sentence-transformers name (local cache) or path; vertex: "
-                                   "text-embedding-005, text-multilingual-embedding-002, gemini-embedding-001."),
+                                   "text-embedding-005, text-multilingual-embedding-002, gemini-embedding-001; "
+                                   "service: 'served' (whatever the service serves now) or its model name."),
         "backend": _backend(),
         "dimension": Param(None, type=["null", "integer"], minimum=1, maximum=4096, title="Dimension",
                            description="local: the dimension the model must produce (checked); vertex: "

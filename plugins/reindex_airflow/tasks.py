@@ -48,13 +48,19 @@ def corpus_root(uri: str):
 
 
 def _check_backend_settings(cfg) -> None:
-    """The backend's own configuration (Vertex: project, bucket, endpoint) is part of the run's input."""
+    """The backend's own configuration (Vertex: project, bucket, endpoint; service: its connection) is part of
+    the run's input."""
     from reindex.config import Backend
 
     if cfg.backend == Backend.VERTEX:
         from reindex.vertex.settings import VertexSettings
 
         VertexSettings.from_env()
+    elif cfg.backend == Backend.SERVICE:
+        from reindex.service.settings import settings_for
+
+        settings = settings_for(cfg.service_conn_id)
+        log.info("embedding service: %s", settings.describe())
 
 
 @task_outcome
@@ -207,20 +213,31 @@ MAP_INDEX_TEMPLATE = "{{ reindex_label | default('') }}"
 @task_outcome
 def encode_partition(partition: dict, manifest: dict) -> dict:
     """Encode one partition locally and bulk-load its vectors; failures are recorded per chunk."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
     from reindex import pipeline
     from reindex.cost import record_partition_usage
-    from reindex.store.batches import add_stage_seconds
+    from reindex.errors import TerminalError
+    from reindex.store.batches import add_stage_seconds, halt_batch, halted_reason
     from reindex.store.leases import heartbeat
 
     _label_map_index(f"chunk ids {partition['lo']}–{partition['hi']} ({partition['count']} chunks)")
     cfg = config_from(manifest["config"])
     with PgVectorHook().store() as store:
+        halted = halted_reason(store, manifest["batch_id"])
+        if halted:  # another partition met an error no chunk is to blame for: one red task, the rest skip
+            raise AirflowSkipException(f"batch {manifest['batch_id']} is halted: {halted}")
         heartbeat(store, cfg.corpus, manifest["batch_id"])
-        out = pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
+        try:
+            out = pipeline.encode_partition(store, cfg, partition, model_checksum=manifest["model_checksum"])
+        except TerminalError as e:  # e.g. the service refused the API key: stop the batch, blame no chunk
+            halt_batch(store, manifest["batch_id"], str(e))
+            raise
         add_stage_seconds(store, manifest["batch_id"], "encode", out["seconds"])
         record_partition_usage(store, manifest["batch_id"], f"encode_partition/{partition['index']}",
-                               seconds=out["seconds"])
-    _metrics().partition_done("encode", out, corpus=cfg.corpus, backend="local", batch_id=manifest["batch_id"])
+                               seconds=out["seconds"], service=out.get("service"))
+    _metrics().partition_done("encode", out, corpus=cfg.corpus, backend=cfg.backend.value,
+                              batch_id=manifest["batch_id"])
     return out
 
 
@@ -342,6 +359,7 @@ def summarize(manifest: dict | None = None) -> dict:
         summary = summarize_batch(store, manifest["batch_id"], release_lease=manifest.get("kind") != "upgrade")
         usage = batch_cost(store, manifest["batch_id"])
     summary.tokens, summary.characters, summary.cost = usage["tokens"], usage["characters"], usage["cost"]
+    summary.service = usage.get("service") or {}
     out = summary.to_dict()
     out.update({k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks")
                 if k in manifest})
@@ -356,8 +374,12 @@ def choose_branch(summary: dict) -> str:
     """Retriable chunks left → trigger_retry (whatever the status: the policy decides, not "zero READY").
     Nothing left to retry: COMPLETED → done; otherwise the chain's final share of FAILED chunks decides —
     at most ``max_failed_ratio`` → done (the failures stay recorded), above it → fail_batch."""
+    if summary.get("halted"):
+        return "fail_batch"  # stopped as a whole (e.g. refused credentials): retrying the same cannot help
     if summary.get("retriable", 0) > 0:
         return "trigger_retry"
+    if (summary.get("counts_by_reason") or {}).get("MODEL_CHANGED"):
+        return "fail_batch"  # the service switched models mid-run: never "done", whatever the share
     if summary["status"] == "COMPLETED":
         return "done"
     if summary["status"] == "FAILED":  # nothing READY (or no readable document), nothing left to retry
@@ -376,6 +398,17 @@ def fail_batch(summary: dict) -> None:
     """Fail the run loudly, with the batch's counts, the chain's FAILED share and the first error reasons."""
     reasons = _first_errors(summary)
     share = summary.get("lineage_failed_ratio", 1.0)
+    if summary.get("halted"):
+        raise AirflowFailException(
+            f"batch {summary['batch_id']} halted: {summary['halted']} ({summary['ready']}/{summary['total']} chunks "
+            "READY; the others are NOT_PROCESSED, not blamed: the next run claims them once the cause is fixed)")
+    changed = (summary.get("counts_by_reason") or {}).get("MODEL_CHANGED")
+    if changed:
+        raise AirflowFailException(
+            f"batch {summary['batch_id']} {summary['status']}: the embedding service changed its model during the "
+            f"run; {changed} chunk(s) failed MODEL_CHANGED and no vector of the other model was stored "
+            f"({summary['ready']}/{summary['total']} READY with the batch's model). Run reindex_model_upgrade to move "
+            f"corpus {summary['corpus']} to the service's new model. First errors: {reasons or 'none'}")
     raise AirflowFailException(
         f"batch {summary['batch_id']} {summary['status']}: {summary['ready']}/{summary['total']} chunks READY, "
         f"{summary['failed']} FAILED by reason {summary.get('counts_by_reason')}; nothing left to retry. "

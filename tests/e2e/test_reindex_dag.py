@@ -55,30 +55,6 @@ def test_sample_corpus_end_to_end(corpus_dag, store_conn, encoder, monkeypatch):
     assert message == f"nothing to embed: 0 chunks encoded, 0 batch jobs submitted; {reused} chunk vector(s) reused"
 
 
-@pytest.fixture
-def corpus_dag(dagbag):
-    """reindex_corpus with its Params at the form's defaults before and after the test: dag.test() writes a run's
-    conf into the Param objects of the session's DAG (other test files' runs included), so a value one test
-    passes — or a key it adds — would carry over to the runs of later tests."""
-    from reindex_airflow.params import corpus_params
-
-    dag = dagbag.get_dag("reindex_corpus")
-    defaults = {k: p.value for k, p in corpus_params().items()}
-    holders = [dag.params, *(t.params for t in dag.tasks)]
-
-    def reset() -> None:
-        for holder in holders:
-            for key in [k for k in holder if k not in defaults]:
-                del holder[key]
-            for key, value in defaults.items():
-                if key in holder:
-                    holder[key] = value
-
-    reset()
-    yield dag
-    reset()
-
-
 def test_halfvec_storage_end_to_end(corpus_dag, store_conn, encoder):
     """storage=halfvec: half-float vector table with a halfvec_cosine_ops HNSW index, every chunk READY, searchable."""
     conf = {"corpus": "sample_half", "corpus_uri": str(SAMPLE_CORPUS), "backend": "local", "model": "",

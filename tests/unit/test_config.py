@@ -15,7 +15,7 @@ def test_defaults_are_valid():
         ({"corpus": "Bad-Name"}, r"corpus name 'Bad-Name' is invalid: it must match"),
         ({"corpus": "a" * 64}, r"at most 63 characters"),
         ({"corpus_uri": " "}, r"corpus_uri is empty"),
-        ({"backend": "openai"}, r"backend 'openai' is not supported: choose one of \['local', 'vertex'\]"),
+        ({"backend": "openai"}, r"backend 'openai' is not supported: choose one of \['local', 'vertex', 'service'\]"),
         ({"max_tokens": 9000}, r"max_tokens=9000 is out of range: must be between 16 and 8192"),
         ({"overlap_tokens": 150}, r"overlap_tokens=150 is out of range: must be between 0 and 100"),
         ({"partition_size": 10}, r"partition_size=10 is out of range"),

@@ -442,7 +442,8 @@ def summarize_batch(store: Store, batch_id: str, *, job_failed: bool = False,
                         reused_by_content=by_content, kept_failed=kept, message=message,
                         failed_documents=failed_docs, documents_by_reason=docs_by_reason,
                         document_samples=doc_samples, root_batch_id=chain[0] if chain else batch_id,
-                        lineage_total=lineage_total, lineage_failed=lineage_failed)
+                        lineage_total=lineage_total, lineage_failed=lineage_failed,
+                        halted=details.get("halted") or "")
 
 
 def add_stage_seconds(store: Store, batch_id: str, stage: str, seconds: float) -> None:
@@ -451,6 +452,19 @@ def add_stage_seconds(store: Store, batch_id: str, stage: str, seconds: float) -
             coalesce(details->'stages', '{{}}'::jsonb) || jsonb_build_object(%s::text,
                 round((coalesce((details->'stages'->>%s)::numeric, 0) + %s)::numeric, 3)))
         WHERE batch_id = %s""").format(store.t("batches")), (stage, stage, seconds, batch_id))
+
+
+def halt_batch(store: Store, batch_id: str, reason: str) -> None:
+    """Stop the batch for a reason no chunk is to blame for (the embedding service refused the credentials):
+    its other tasks skip, its summary fails the run with ``reason`` and no retry run is triggered. Its
+    unfinished chunks close NOT_PROCESSED, so the next run (once the cause is fixed) claims them again."""
+    update_details(store, batch_id, {"halted": reason})
+
+
+def halted_reason(store: Store, batch_id: str) -> str | None:
+    row = store.one(sql.SQL("SELECT details->>'halted' FROM {} WHERE batch_id = %s").format(store.t("batches")),
+                    (batch_id,))
+    return row[0] if row else None
 
 
 def get_batch(store: Store, batch_id: str) -> dict | None:
