@@ -75,6 +75,7 @@ class ServiceEncoder:
         self.pinned: Identity | None = None
         self.model_changed: Identity | None = None
         self.stats = {"texts": 0, "cached": 0, "requests": 0, "retries": 0, "bisections": 0}
+        self._sleep = asyncio.sleep  # the backoff's clock (a test records the waits instead)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class ServiceEncoder:
             self.stats["retries"] += 1
             log.info("embedding service: %s; attempt %d of %d in %.1f s (%d text(s))", message, attempt + 1,
                      self.policy.max_attempts, wait, len(idx))
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
 
     async def _post(self, batch: list[str]) -> tuple:
         """One request: ``("ok", Reply)``, ``("split", status, detail)``, ``("retry", code, message, delay)``,
