@@ -130,13 +130,25 @@ def _search(args) -> int:
         if active is None:
             raise CliError(f"corpus {args.corpus!r} has no active model yet: no run has embedded it")
         conf = (active["details"] or {}).get("config") or {"model": active["model_id"], "backend": active["backend"]}
-        if args.model is None and conf.get("backend", "local") != Backend.LOCAL.value:
+        backend = conf.get("backend", "local")
+        if args.model is None and backend == Backend.SERVICE.value:
+            # queries go to the embedding service that made the corpus's vectors (REINDEX_SERVICE_* outside Airflow)
+            from reindex.backends import ServiceBackend
+            from reindex.config import ReindexConfig
+
+            encoder = ServiceBackend(ReindexConfig(
+                corpus=args.corpus, corpus_uri="store", backend=Backend.SERVICE, model=conf["model"],
+                normalize=conf.get("normalize", True), service_conn_id=conf.get("service_conn_id"))).encoder
+            name = f"{encoder.spec.model_id} (embedding service {encoder.settings.url})"
+        elif args.model is None and backend != Backend.LOCAL.value:
             raise CliError(f"corpus {args.corpus!r} is embedded by {conf['backend']} model {conf['model']}; this "
-                           "command encodes queries locally only")
-        encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True))
+                           "command encodes queries locally or through the embedding service only")
+        else:
+            encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True))
+            name = repr(encoder.model_name)
         checksum = encoder.spec.stored_as(conf.get("storage", Storage.VECTOR)).checksum
         if checksum != active["model_checksum"]:
-            raise CliError(f"model {encoder.model_name!r} (checksum {checksum}) is not the corpus's active model "
+            raise CliError(f"model {name} (checksum {checksum}) is not the corpus's active model "
                            f"({active['model_checksum']})")
         hits = search(store, args.corpus, encoder.encode([args.query])[0], k=args.k,
                       model_checksum=active["model_checksum"])

@@ -124,6 +124,17 @@ def test_seed004_vectors_equal_local_minilm_and_the_cache_hits_show(dagbag, corp
         assert "service cache hits 3/3" in summary["outcome"]
         assert svc.stats()["cache_hits"] == 3
 
+        # `python -m reindex search` sends the query to the service that made the corpus's vectors
+        import os
+        import subprocess
+        import sys
+
+        p = subprocess.run([sys.executable, "-m", "reindex", "search", "--corpus", "svc_model", "--json", "-k", "1",
+                            "how do plants make food from light"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "REINDEX_SERVICE_URL": svc.url, "REINDEX_SERVICE_API_KEY": API_KEY})
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)[0]["doc_id"] == "photo.txt"
+
 
 def test_429s_and_503s_within_the_attempts_heal_inside_the_task(dagbag, corpus_dag, service_env, store_conn, tmp_path,
                                                                  monkeypatch):
