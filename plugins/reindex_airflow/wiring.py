@@ -43,7 +43,10 @@ def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     ranges = task(t.plan_result_ranges)(submitted.output, manifest)
     ingested = task(t.ingest_results, max_active_tis_per_dagrun=4, map_index_template=t.MAP_INDEX_TEMPLATE).partial(
         manifest=manifest).expand(ranges=ranges)
-    closed = task(t.close_results, trigger_rule="none_failed_min_one_success")(manifest, submitted.output)
+    # Only the Vertex branch's tasks are upstream (the batch id comes with the submission): on the local path
+    # they are all skipped, so close_results is skipped too instead of pulling a return value that was never
+    # pushed; on the Vertex path it still runs when there were no result ranges (ingest_results skipped).
+    closed = task(t.close_results, trigger_rule="none_failed_min_one_success")(submitted.output)
     route >> [partitions, submitted]
     ingested >> closed
     index = task(t.build_index, trigger_rule="all_done")(manifest)
