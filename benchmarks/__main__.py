@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_DIR, ROOT, machine
 
-ALL = ("ingest", "encode", "incremental", "airflow")
+ALL = ("ingest", "encode", "incremental", "airflow", "service")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-variants", action="store_true", help="ingest: skip before/proposal variants")
     parser.add_argument("--ingest-tasks", default="2,4",
                         help="ingest: also run the project path with this many task processes at once (comma list)")
-    parser.add_argument("--repeat", type=int, default=1, help="ingest/encode: runs per method, fastest kept")
+    parser.add_argument("--repeat", type=int, default=1, help="ingest/encode/service: runs per method, fastest kept")
     parser.add_argument("--encode-texts", type=int, default=2000)
     parser.add_argument("--device", default="cpu", help="encode: cpu or cuda")
     parser.add_argument("--fp16", action="store_true", help="encode: also fp16 rows (CUDA only; default on cuda)")
@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--incremental-docs", type=int, default=10_400, help="incremental: documents (~9.6 chunks each)")
     parser.add_argument("--airflow-docs", type=int, default=1_040, help="airflow: documents (~9.6 chunks each)")
     parser.add_argument("--airflow-encoder", choices=("stub", "real"), default="stub")
+    parser.add_argument("--service-texts", type=int, default=1000, help="service: texts (local baseline and client)")
+    parser.add_argument("--service-concurrency", default="1,2,6",
+                        help="service: client concurrencies (comma list); the noop run uses the highest")
+    parser.add_argument("--service-batch-size", type=int, default=None,
+                        help="service: texts per request (default: the service's max_batch_size, 128)")
+    parser.add_argument("--service-threads", type=int, default=None,
+                        help="service: OMP/MKL threads of the service process and the local baseline (default: nproc)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--report", type=Path, help="only render the tables of an existing results JSON")
     parser.add_argument("--merge", action="store_true", help="keep the other benchmarks' results already in --out "
@@ -116,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             real_wall = af["wall_s"] + af["chunks"] / rate - af["by_task"].get("encode_partition", 0.0)
             af["real_encoder_estimate"] = {"encode_rate": rate, "wall_s": round(real_wall, 1),
                                            "overhead_fraction": round(af["overhead_s"] / real_wall, 4)}
+        save()
+    if "service" in only:
+        from benchmarks import service
+
+        results["service"] = service.run(
+            args.dir, texts=args.service_texts, batch_size=args.service_batch_size, threads=args.service_threads,
+            concurrency=tuple(int(n) for n in args.service_concurrency.split(",") if n.strip()), repeat=args.repeat)
         save()
     results["load_at_end"] = os.getloadavg()
     save()

@@ -92,10 +92,34 @@ def airflow_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def service_table(r: dict) -> str:
+    out = [f"**Remote embedding service** (`backend=\"service\"`, {r['protocol']} protocol), {r['texts']:,} texts "
+           f"(Russian + English, 40–1,200 chars, {r['tokens']:,} tokens), {r['model']} in both; the reference service "
+           f"in its own process, cache off, {r['batch_size']} texts a request; torch threads "
+           f"{r['torch_threads']} (`OMP_NUM_THREADS={r['threads']}` in the service and the local baseline):", "",
+           "| method | seconds | texts/s | × local encode | requests | client CPU s | service CPU s | "
+           "overhead share | max abs diff vs local |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in r["methods"]:
+        diff, share = m.get("max_abs_diff_vs_local"), m.get("overhead_share")
+        out.append(f"| {m['label']} | {_f(m['seconds'])} | {_f(m['texts_per_s'], 1)} | {_f(m['x_local'])} | "
+                   f"{_f(m.get('requests'))} | {_f(m['cpu_s'])} | {_f(m.get('service_cpu_s'))} | "
+                   f"{'–' if share is None else f'{share:.1%}'} | {'–' if diff is None else f'{diff:.1e}'} |")
+    top = max(r["concurrency"])
+    out += ["", f"Client overhead: the noop service (no encoding) at concurrency {top} takes "
+                f"**{r['overhead_share']:.1%}** of the model-backed service run's wall time at the same concurrency."]
+    if r.get("padded_tokens_local"):
+        out += ["", f"Padding: the service token-sorts each request's {r['batch_size']} texts apart, the local encoder "
+                    f"all {r['texts']:,} at once: the forward passes carry {r['padded_tokens_per_request']:,} padded "
+                    f"tokens through the service against {r['padded_tokens_local']:,} locally "
+                    f"({r['padded_tokens_per_request'] / r['padded_tokens_local']:.2f} ×)."]
+    return "\n".join(out)
+
+
 def render(results: dict) -> str:
     parts = [f"Run {results['date']} on {results['machine_line']}; command: `{results['command']}`."]
     for key, fn in (("ingest", ingest_table), ("encode", encode_table), ("incremental", incremental_table),
-                    ("airflow", airflow_table)):
+                    ("airflow", airflow_table), ("service", service_table)):
         if results.get(key):
             section = fn(results[key])
             cmd = results[key].get("command")
