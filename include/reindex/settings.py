@@ -114,3 +114,70 @@ def service_env() -> dict:
         extra.setdefault("protocol", os.environ["REINDEX_SERVICE_PROTOCOL"])
     return {"url": os.environ.get("REINDEX_SERVICE_URL", "").strip(),
             "api_key": os.environ.get("REINDEX_SERVICE_API_KEY") or None, "extra": extra}
+
+
+# --- fan-out (issue 13) ------------------------------------------------------------------------------------
+# These are read when the DAG files are parsed (they become the mapped tasks' operator arguments), by the
+# dag-processor, so they are environment, not run Params: a Param is known only once a run exists, after the
+# task's queue, pool and concurrency are fixed. Set them for the dag-processor (and the scheduler); a change
+# takes effect at the next parse.
+
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} is out of range: must be at least 1")
+    return value
+
+
+def _name(name: str) -> str | None:
+    raw = os.environ.get(name, "").strip()
+    return raw or None
+
+
+def encode_concurrency() -> int:
+    """``REINDEX_ENCODE_CONCURRENCY``: how many ``encode_partition`` instances of one run may run at once
+    (``max_active_tis_per_dagrun``; default 2). Raise it with the number of encode workers."""
+    return _count("REINDEX_ENCODE_CONCURRENCY", 2)
+
+
+def ingest_concurrency() -> int:
+    """``REINDEX_INGEST_CONCURRENCY``: how many ``ingest_results`` instances (Vertex result ranges) of one run
+    may run at once (``max_active_tis_per_dagrun``; default 4)."""
+    return _count("REINDEX_INGEST_CONCURRENCY", 4)
+
+
+def encode_queue() -> str | None:
+    """``REINDEX_ENCODE_QUEUE``: the Celery queue of the ``encode_partition`` tasks, e.g. ``reindex_gpu``
+    (default unset: Airflow's ``[operators] default_queue``). Start a worker on it: ``airflow celery worker
+    -q reindex_gpu``; every other task stays on the default queue."""
+    return _name("REINDEX_ENCODE_QUEUE")
+
+
+def encode_pool() -> str | None:
+    """``REINDEX_ENCODE_POOL``: the Airflow pool of the ``encode_partition`` tasks (default unset:
+    ``default_pool``). The pool must exist (``airflow pools set reindex_gpu 4 "GPU encode"``): a task in a
+    missing pool is never scheduled. Its slots cap encodes across all runs; the concurrency above, per run."""
+    return _name("REINDEX_ENCODE_POOL")
+
+
+def worker_hostname() -> str:
+    """``REINDEX_WORKER_HOSTNAME``: the host name a worker records on the task instances it runs (default: the
+    machine's FQDN, Airflow's own). Used as ``AIRFLOW__CORE__HOSTNAME_CALLABLE=reindex.settings.worker_hostname``
+    by ``make airflow-celery``, whose workers share one machine: each names itself after its Celery hostname, so
+    ``task_instance.hostname`` says which worker ran a task."""
+    import socket
+
+    return os.environ.get("REINDEX_WORKER_HOSTNAME", "").strip() or socket.getfqdn()
+
+
+def celery_broker() -> str | None:
+    """``REINDEX_CELERY_BROKER``: the Celery broker of ``make airflow-celery``, e.g. ``redis://localhost:6379/0``
+    (default unset: Celery's SQLAlchemy transport on Airflow's own metadata database, ``sqla+postgresql…`` — no
+    extra service). An explicit ``AIRFLOW__CELERY__BROKER_URL`` wins over both."""
+    return _name("REINDEX_CELERY_BROKER")

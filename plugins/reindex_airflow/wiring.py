@@ -6,6 +6,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import task
 
+from reindex import settings
 from reindex_airflow import tasks as t
 from reindex_airflow.operators import SubmitVertexBatchOperator
 
@@ -21,11 +22,26 @@ _OUTCOME = "{{ ti.xcom_pull(task_ids='summarize')['outcome'] }}"
 _NOW = "{{ macros.datetime.now().strftime('%Y%m%dT%H%M%S') }}"
 
 
+def encode_task_args() -> dict:
+    """The operator arguments of the mapped ``encode_partition`` task, from the environment (``reindex.settings``):
+    ``max_active_tis_per_dagrun`` (``REINDEX_ENCODE_CONCURRENCY``), and ``queue`` / ``pool``
+    (``REINDEX_ENCODE_QUEUE`` / ``REINDEX_ENCODE_POOL``) only when set, so that unset means Airflow's own
+    defaults. Read at parse time: a mapped task's queue, pool and concurrency are fixed before any run's Params
+    exist."""
+    args: dict = {"max_active_tis_per_dagrun": settings.encode_concurrency()}
+    if queue := settings.encode_queue():
+        args["queue"] = queue
+    if pool := settings.encode_pool():
+        args["pool"] = pool
+    return args
+
+
 def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     """Route by backend, embed, then build_index → summarize → branch on the batch status.
 
-    local: plan_partitions → encode_partition (mapped). vertex: submit_vertex_batch (deferred) →
-    plan_result_ranges → ingest_results (mapped) → close_results.
+    local: plan_partitions → encode_partition (mapped; its concurrency, Celery queue and pool from
+    ``encode_task_args``). vertex: submit_vertex_batch (deferred) → plan_result_ranges → ingest_results (mapped,
+    ``REINDEX_INGEST_CONCURRENCY`` at a time) → close_results.
 
     Retriable chunks left (any status) → ``trigger_retry`` (a ``reindex_retry`` run for that batch);
     nothing left to retry: COMPLETED, or a FAILED share within ``max_failed_ratio`` → ``done``; above it
@@ -37,11 +53,12 @@ def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     if after is not None:
         after >> route
     partitions = task(t.plan_partitions)(manifest)
-    loaded = task(t.encode_partition, max_active_tis_per_dagrun=2, map_index_template=t.MAP_INDEX_TEMPLATE).partial(
+    loaded = task(t.encode_partition, **encode_task_args(), map_index_template=t.MAP_INDEX_TEMPLATE).partial(
         manifest=manifest).expand(partition=partitions)
     submitted = SubmitVertexBatchOperator(task_id="submit_vertex_batch", manifest=manifest)
     ranges = task(t.plan_result_ranges)(submitted.output, manifest)
-    ingested = task(t.ingest_results, max_active_tis_per_dagrun=4, map_index_template=t.MAP_INDEX_TEMPLATE).partial(
+    ingested = task(t.ingest_results, max_active_tis_per_dagrun=settings.ingest_concurrency(),
+                    map_index_template=t.MAP_INDEX_TEMPLATE).partial(
         manifest=manifest).expand(ranges=ranges)
     # Only the Vertex branch's tasks are upstream (the batch id comes with the submission): on the local path
     # they are all skipped, so close_results is skipped too instead of pulling a return value that was never
