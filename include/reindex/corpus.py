@@ -44,6 +44,12 @@ Symbolic links (local corpora: ``pathlib.Path`` and ``file://``; object stores h
 Hidden files and folders (``.`` prefix) are skipped. Files and folders are visited in sorted
 name order; a local walk lists each folder once with ``os.scandir`` and needs no ``stat`` per
 file (only links are resolved).
+
+Change detection (``CorpusReader(..., unchanged=…)``): each file's source fingerprint is taken from
+metadata only — local: size, mtime, inode and ctime (one ``stat``); object stores: size with the
+generation / md5 / crc32c of the listing — and offered to the ``unchanged`` callback in blocks; a file
+it names is not opened at all (a ``SourceFile(unchanged=True)`` marker stands for its documents), the
+others are read and followed by a ``SourceFile`` marker carrying the fingerprint to remember.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import PurePath
@@ -99,6 +105,41 @@ class FailedDocument:
     source_uri: str
     error_code: ErrorCode
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A file of the corpus as listed: ``unchanged`` — not read, its stored documents stand; else it was just
+    read (its documents came before this marker) and ``fingerprint`` is what to remember for the next scan
+    (None: the file could not be read, or its metadata gives no fingerprint — it is read every time)."""
+
+    rel: str
+    uri: str
+    fingerprint: str | None
+    unchanged: bool = False
+
+
+def source_fingerprint(path: CorpusPath) -> str | None:
+    """What identifies a file's content version without reading it, or None when nothing does.
+
+    Local: ``size:mtime_ns:inode:ctime_ns`` (ctime also moves on chmod and on edits that restore the mtime).
+    Object stores (fsspec info from the listing, no extra request where the listing is cached): the size
+    with the object generation, md5 or crc32c (any of them changes with the content)."""
+    local = _local_path(path)
+    try:
+        if local is not None:
+            st = os.stat(local)
+            return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+        fs = getattr(path, "fs", None)
+        info = fs.info(path.path) if fs is not None else None
+    except Exception:  # noqa: BLE001 - no fingerprint: the file is read (and its own error reported there)
+        return None
+    if not isinstance(info, dict):
+        return None
+    marks = [str(info.get(k)) for k in ("generation", "md5Hash", "crc32c", "ETag", "etag") if info.get(k)]
+    if not marks:
+        return None
+    return f"object:{info.get('size')}:" + ":".join(marks)
 
 
 def _suffix(name: str) -> str:
@@ -351,39 +392,88 @@ class CorpusReader:
     followed because their target is read by its own path), ``unreadable_dirs``.
     """
 
-    def __init__(self, root: CorpusPath, *, max_document_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, root: CorpusPath, *, max_document_bytes: int = 64 * 1024 * 1024,
+                 unchanged: Callable[[list[SourceFile]], set[str]] | None = None, block_files: int = 1000) -> None:
+        """``unchanged``: change detection (see the module docstring) — given listed files with fingerprints, the
+        URIs whose stored documents are current; with it the reader also yields ``SourceFile`` markers."""
         self.root = root
         self.max_document_bytes = max_document_bytes
+        self.unchanged = unchanged
+        self.block_files = block_files
         self.stats: dict[str, int] = _new_stats()
+        # change detection: files opened and read, files left unread because their documents are current
+        self.reads: dict[str, int] = {"read_files": 0, "unchanged_files": 0}
 
-    def __iter__(self) -> Iterator[Document | FailedDocument]:
+    def __iter__(self) -> Iterator[Document | FailedDocument | SourceFile]:
         root = self.root
         where = f"corpus {root}"
+        if _local_path(root) is None:
+            # an object store's listing cache (fsspec keeps filesystems per process) must not hide new versions
+            invalidate = getattr(getattr(root, "fs", None), "invalidate_cache", None)
+            if invalidate is not None:
+                invalidate()
         if _root_is_dir(root, where):
             files: Iterator[_FileEntry | FailedDocument] = iter(_Walker(root, self.stats, where))
         else:
             files = iter([(root, root.name, None)])
+        block: list[_FileEntry | FailedDocument] = []
         for item in files:
+            if not isinstance(item, FailedDocument):
+                suffix = _suffix(item[0].name)
+                if suffix not in SUPPORTED_SUFFIXES:
+                    self.stats["skipped_files"] += 1
+                    log.info("skipping %s: unsupported type (supported: %s)", item[0], ", ".join(SUPPORTED_SUFFIXES))
+                    continue
+                self.stats["files"] += 1
+            block.append(item)
+            if len(block) >= self.block_files:
+                yield from self._block(block)
+                block = []
+        yield from self._block(block)
+        if self.stats["skipped_links"] > _LOGGED_LINKS:
+            log.warning("%s: %d symlinks to outside the corpus root skipped", where, self.stats["skipped_links"])
+
+    def _block(self, block: list[_FileEntry | FailedDocument]) -> Iterator[Document | FailedDocument | SourceFile]:
+        """Read a block of listed files, skipping those the ``unchanged`` callback names."""
+        prints: dict[str, str | None] = {}
+        skip: set[str] = set()
+        if self.unchanged is not None:
+            listed = []
+            for item in block:
+                if not isinstance(item, FailedDocument) and item[2] is None:
+                    uri = str(item[0])
+                    prints[uri] = source_fingerprint(item[0])
+                    if prints[uri] is not None:
+                        listed.append(SourceFile(item[1], uri, prints[uri]))
+            skip = self.unchanged(listed) if listed else set()
+        for item in block:
             if isinstance(item, FailedDocument):  # an unreadable folder
                 yield item
                 continue
             path, rel, problem = item
-            suffix = _suffix(path.name)
-            if suffix not in SUPPORTED_SUFFIXES:
-                self.stats["skipped_files"] += 1
-                log.info("skipping %s: unsupported type (supported: %s)", path, ", ".join(SUPPORTED_SUFFIXES))
+            uri = str(path)
+            if uri in skip:
+                self.reads["unchanged_files"] += 1
+                yield SourceFile(rel, uri, prints[uri], unchanged=True)
                 continue
-            self.stats["files"] += 1
             if problem is not None:
-                yield FailedDocument(rel, str(path), UNREADABLE_CODE, f"{rel}: {problem}")
-            elif suffix in TEXT_SUFFIXES:
-                yield self._read_text_file(path, rel, suffix)
+                yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: {problem}")
+                continue
+            self.reads["read_files"] += 1
+            suffix = _suffix(path.name)
+            readable = True
+            if suffix in TEXT_SUFFIXES:
+                docs: Iterator[Document | FailedDocument] = iter([self._read_text_file(path, rel, suffix)])
             elif suffix == ".jsonl":
-                yield from self._read_jsonl(path, rel)
+                docs = self._read_jsonl(path, rel)
             else:
-                yield from self._read_parquet(path, rel)
-        if self.stats["skipped_links"] > _LOGGED_LINKS:
-            log.warning("%s: %d symlinks to outside the corpus root skipped", where, self.stats["skipped_links"])
+                docs = self._read_parquet(path, rel)
+            for doc in docs:
+                # a file that could not be read (wholly or partly) is read again next time, whatever its metadata
+                readable = readable and not (isinstance(doc, FailedDocument) and doc.error_code == UNREADABLE_CODE)
+                yield doc
+            if self.unchanged is not None:
+                yield SourceFile(rel, uri, prints.get(uri) if readable else None)
 
     def _read_text_file(self, path: CorpusPath, doc_id: str, suffix: str) -> Document | FailedDocument:
         uri = str(path)

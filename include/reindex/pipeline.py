@@ -20,7 +20,7 @@ from psycopg import sql
 from reindex.backends import backend_for
 from reindex.chunking import TokenChunker, chunking_signature, load_tokenizer
 from reindex.config import INDEX_MAX_DIMS, Backend, IndexType, OnBusy, ReindexConfig, Storage
-from reindex.corpus import CorpusPath, CorpusReader, Document, FailedDocument
+from reindex.corpus import CorpusPath, CorpusReader, Document, FailedDocument, SourceFile
 from reindex.embeddings.validation import validate_vectors
 from reindex.errors import ConfigError, EmptyCorpusError, ErrorCode, StoreError
 from reindex.models import ModelSpec
@@ -174,7 +174,6 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
     backend = backend_for(cfg)
     chunker = TokenChunker(load_tokenizer(backend.tokenizer_path()), cfg.max_tokens, cfg.overlap_tokens)
     signature = chunking_signature(backend.tokenizer_path(), cfg.max_tokens, cfg.overlap_tokens)
-    reader = CorpusReader(root, max_document_bytes=cfg.max_document_bytes)
     seen: set[str] = set()
     duplicates = 0
     failures: list[dict] = []
@@ -185,6 +184,11 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
                                    dag_id=dag_id)
         writer = CorpusWriter(store, cfg.corpus, batch_id)
         writer.start()
+        # change detection: a file whose fingerprint, chunking and documents are as last read is not read
+        # (``force`` reads everything)
+        reader = CorpusReader(root, max_document_bytes=cfg.max_document_bytes,
+                              unchanged=(lambda files: set()) if cfg.force else
+                              (lambda files: writer.unchanged_files(files, signature)))
 
         def flush_block() -> None:
             stored = {} if cfg.force else writer.stored([d.doc_id for d in block])
@@ -203,6 +207,9 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
 
         block_size = 0
         for item in reader:
+            if isinstance(item, SourceFile):
+                writer.add_source_file(item)
+                continue
             if item.doc_id in seen:
                 duplicates += 1
                 log.warning("document id %r appears again in %s; the first occurrence is kept",
@@ -225,12 +232,13 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
                 log.info("read %d documents: %d chunks so far, %d unchanged", len(seen), writer.counts["chunks"],
                          writer.counts["unchanged_documents"])
         flush_block()
-        if not seen:
+        if not seen and not reader.reads["unchanged_files"]:
             raise EmptyCorpusError(
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no .txt, .md, .jsonl or .parquet document "
                 f"found ({reader.stats['skipped_files']} file(s) of other types skipped)"
             )
         merged = writer.merge(vector_table=None if cfg.force else emb.table_name)
+        writer.remember_files(signature)
         claim = batches_store.claim_stale_chunks(store, cfg.corpus, batch_id, emb, force=cfg.force,
                                                  reuse_pool=None if cfg.force else "reuse_pool")
     (total_chunks,) = store.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = %s").format(store.t("chunks")),
@@ -241,6 +249,8 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
         "model_checksum": model_checksum,
         "vector_table": emb.table_name,
         "files": reader.stats["files"],
+        "read_files": reader.reads["read_files"],
+        "unchanged_files": reader.reads["unchanged_files"],
         "skipped_files": reader.stats["skipped_files"],
         "documents": merged.documents,
         "unchanged_documents": merged.unchanged_documents,

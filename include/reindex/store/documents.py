@@ -7,6 +7,8 @@ PENDING; chunks a document no longer has are deleted. Unchanged rows are not rew
 
 Incremental scans: a document whose content hash and chunking signature match the stored ones
 is not chunked again; it is staged as *unchanged* and its chunks (and vectors) are left alone.
+A file whose source fingerprint (``corpus_files``) matches, read last time with the same chunking and
+without a failed document, is not even read: its stored documents are staged as unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import orjson
 from psycopg import sql
 
 from reindex.chunking import Chunk
-from reindex.corpus import Document, FailedDocument
+from reindex.corpus import Document, FailedDocument, SourceFile
 from reindex.errors import ErrorCode
 from reindex.store import Store
 
@@ -53,6 +55,8 @@ class CorpusWriter:
         self.block_rows = block_rows
         self._docs: list[tuple] = []
         self._chunks: list[tuple] = []
+        self._files: list[tuple] = []
+        self._unread: list[str] = []  # unchanged files: their stored documents are staged as unchanged
         self.counts = {"documents": 0, "failed_documents": 0, "chunks": 0, "unchanged_documents": 0}
 
     def start(self) -> None:
@@ -64,6 +68,29 @@ class CorpusWriter:
         self.store.execute("""CREATE TEMP TABLE stage_chunks (
             chunk_id text, doc_id text, ordinal integer, text text, content_sha256 text,
             token_count integer) ON COMMIT DROP""")
+        self.store.execute("""CREATE TEMP TABLE stage_files (
+            source_uri text, fingerprint text, unchanged boolean) ON COMMIT DROP""")
+
+    def unchanged_files(self, files: list[SourceFile], chunking: str) -> set[str]:
+        """Of ``files`` (listed, with fingerprints), the URIs whose stored documents are current: same
+        fingerprint and chunking as when last read, at least one document, none of them FAILED."""
+        rows = self.store.execute(sql.SQL("""SELECT l.uri FROM unnest(%s::text[], %s::text[]) AS l(uri, fp)
+            JOIN {files} f ON f.corpus = %s AND f.source_uri = l.uri AND f.fingerprint = l.fp AND f.chunking = %s
+            WHERE EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri)
+              AND NOT EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri
+                              AND d.status <> 'OK')""").format(
+            files=self.store.t("corpus_files"), documents=self.store.t("documents")),
+            ([f.uri for f in files], [f.fingerprint for f in files], self.corpus, chunking, self.corpus,
+             self.corpus)).fetchall()
+        return {r[0] for r in rows}
+
+    def add_source_file(self, f: SourceFile) -> None:
+        """A listed file: left unread (its documents stand as stored) or just read (remember its fingerprint)."""
+        self._files.append((f.uri, f.fingerprint, f.unchanged))
+        if f.unchanged:
+            self._unread.append(f.uri)
+            if len(self._unread) >= self.block_rows:
+                self.flush()
 
     def stored(self, doc_ids: list[str]) -> dict[str, tuple[str | None, str | None, str]]:
         """``doc_id -> (content_sha256, chunking, status)`` of the documents already in the store."""
@@ -98,6 +125,20 @@ class CorpusWriter:
 
     def flush(self) -> None:
         cur = self.store.conn.cursor()
+        if self._unread:
+            n = self.store.execute(sql.SQL("""INSERT INTO stage_docs (doc_id, source_uri, content_sha256, metadata,
+                    status, error_code, error_message, chunk_count, chunking, unchanged)
+                SELECT doc_id, source_uri, content_sha256, metadata, status, error_code, error_message, chunk_count,
+                    chunking, true FROM {} WHERE corpus = %s AND source_uri = ANY(%s)""").format(
+                self.store.t("documents")), (self.corpus, self._unread)).rowcount
+            self.counts["documents"] += n
+            self.counts["unchanged_documents"] += n
+            self._unread.clear()
+        if self._files:
+            with cur.copy("COPY stage_files FROM STDIN") as copy:
+                for row in self._files:
+                    copy.write_row(row)
+            self._files.clear()
         if self._docs:
             with cur.copy("COPY stage_docs FROM STDIN") as copy:
                 for row in self._docs:
@@ -108,6 +149,20 @@ class CorpusWriter:
                 for row in self._chunks:
                     copy.write_row(row)
             self._chunks.clear()
+
+    def remember_files(self, chunking: str) -> None:
+        """After the merge: the fingerprints of the files read in full this scan; files gone from the listing
+        (or read with a failure, or without a fingerprint) are forgotten, so the next scan reads them."""
+        s, t = self.store, self.store.t
+        s.execute(sql.SQL("""DELETE FROM {files} f WHERE f.corpus = %s AND NOT EXISTS (
+                SELECT 1 FROM stage_files s WHERE s.source_uri = f.source_uri
+                AND (s.unchanged OR s.fingerprint IS NOT NULL))""").format(files=t("corpus_files")), (self.corpus,))
+        s.execute(sql.SQL("""INSERT INTO {files} AS f (corpus, source_uri, fingerprint, chunking, batch_id)
+                SELECT DISTINCT ON (source_uri) %s, source_uri, fingerprint, %s, %s FROM stage_files
+                WHERE NOT unchanged AND fingerprint IS NOT NULL
+            ON CONFLICT (corpus, source_uri) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,
+                chunking = EXCLUDED.chunking, batch_id = EXCLUDED.batch_id, updated_at = now()""").format(
+            files=t("corpus_files")), (self.corpus, chunking, self.batch_id))
 
     def merge(self, vector_table: str | None = None) -> MergeResult:
         """Merge the staged scan. With ``vector_table``, the vectors of chunks about to be deleted are

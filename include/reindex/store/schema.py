@@ -175,12 +175,30 @@ def _v5(store: Store) -> None:
         t("batches")))
 
 
+def _v6(store: Store) -> None:
+    """Change detection before reading: the source fingerprint of every file a scan read in full (local
+    size/mtime/inode/ctime, or an object's generation/md5), so the next scan leaves an unchanged file unread;
+    and documents found by their source file."""
+    t = store.t
+    store.execute(sql.SQL("""CREATE TABLE {files} (
+            corpus text NOT NULL REFERENCES {corpora} ON DELETE CASCADE,
+            source_uri text NOT NULL,
+            fingerprint text NOT NULL,
+            chunking text,
+            batch_id text,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (corpus, source_uri))""").format(files=t("corpus_files"), corpora=t("corpora")))
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS documents_source_idx ON {} (corpus, source_uri)").format(
+        t("documents")))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
     (3, "HOT status updates on chunks (fillfactor, batch index without the status)", _v3),
     (4, "storage (vector | halfvec) of each embedding store", _v4),
     (5, "lease liveness (holder DAG), batch DAG, ABANDONED batches", _v5),
+    (6, "source fingerprints of corpus files (change detection before reading)", _v6),
 ]
 
 
