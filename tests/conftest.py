@@ -185,16 +185,21 @@ def _params_at_defaults(dag, defaults: dict):
     return reset
 
 
+def _fresh(dagbag, dag_id: str, params: dict):
+    """The session's DAG ``dag_id`` with its Params at the form's defaults before and after the test."""
+    dag = dagbag.get_dag(dag_id)
+    reset = _params_at_defaults(dag, {k: p.value for k, p in params.items()})
+    reset()
+    yield dag
+    reset()
+
+
 @pytest.fixture
 def corpus_dag(dagbag):
     """reindex_corpus with its Params at the form's defaults before and after the test."""
     from reindex_airflow.params import corpus_params
 
-    dag = dagbag.get_dag("reindex_corpus")
-    reset = _params_at_defaults(dag, {k: p.value for k, p in corpus_params().items()})
-    reset()
-    yield dag
-    reset()
+    yield from _fresh(dagbag, "reindex_corpus", corpus_params())
 
 
 @pytest.fixture
@@ -202,8 +207,4 @@ def upgrade_dag(dagbag):
     """reindex_model_upgrade with its Params at the form's defaults before and after the test."""
     from reindex_airflow.params import upgrade_params
 
-    dag = dagbag.get_dag("reindex_model_upgrade")
-    reset = _params_at_defaults(dag, {k: p.value for k, p in upgrade_params().items()})
-    reset()
-    yield dag
-    reset()
+    yield from _fresh(dagbag, "reindex_model_upgrade", upgrade_params())

@@ -134,21 +134,12 @@ class CorpusWriter:
             self.counts["documents"] += n
             self.counts["unchanged_documents"] += n
             self._unread.clear()
-        if self._files:
-            with cur.copy("COPY stage_files FROM STDIN") as copy:
-                for row in self._files:
-                    copy.write_row(row)
-            self._files.clear()
-        if self._docs:
-            with cur.copy("COPY stage_docs FROM STDIN") as copy:
-                for row in self._docs:
-                    copy.write_row(row)
-            self._docs.clear()
-        if self._chunks:
-            with cur.copy("COPY stage_chunks FROM STDIN") as copy:
-                for row in self._chunks:
-                    copy.write_row(row)
-            self._chunks.clear()
+        for table, rows in (("stage_files", self._files), ("stage_docs", self._docs), ("stage_chunks", self._chunks)):
+            if rows:
+                with cur.copy(sql.SQL("COPY {} FROM STDIN").format(sql.Identifier(table))) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                rows.clear()
 
     def remember_files(self, chunking: str) -> None:
         """After the merge: the fingerprints of the files read in full this scan; files gone from the listing
