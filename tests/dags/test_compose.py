@@ -28,7 +28,7 @@ SPEC = ROOT / "tests" / "data" / "compose-spec.json"
 COMPOSE = ROOT / "docker-compose.yaml"
 DEPLOY = ROOT / "deploy"
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                    "airflow-worker"}
+                    "airflow-worker", "airflow-worker-gpu"}
 OBSERVABILITY = {"statsd-exporter", "prometheus", "grafana"}
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -312,3 +312,80 @@ def test_image_installs_the_pinned_requirements():
     assert "apache/airflow:3.3.2" in dockerfile
     assert "-r requirements.txt -c constraints.txt" in dockerfile
     assert Path(ROOT / "requirements.txt").read_text().count("-e .") == 1
+
+
+# --- scale-out (docs/scale-out.md): the GPU worker, the shared corpus volume, the fan-out settings ----------
+
+def test_gpu_worker_profile_takes_the_encode_queue_on_a_gpu(raw, compose, env):
+    gpu, cpu = compose["services"]["airflow-worker-gpu"], compose["services"]["airflow-worker"]
+    assert gpu["profiles"] == ["gpu"] and "profiles" not in cpu
+    assert gpu["command"] == ["celery", "worker", "--queues", "reindex_gpu", "--concurrency", "1"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": "1", "capabilities": ["gpu"]}]
+    assert gpu["build"]["args"]["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    assert gpu["image"] != cpu["image"]  # the CUDA build is its own image; the CPU one stays as it is
+    # the same broker, database, store and secrets as the CPU worker; it waits for what the CPU worker waits for
+    assert gpu["environment"] == cpu["environment"]
+    assert gpu["depends_on"] == cpu["depends_on"] and gpu["healthcheck"]["test"] == cpu["healthcheck"]["test"]
+    # one queue name for both sides: the worker listens where the DAGs (parsed with the same .env) route encodes
+    routed = interpolate(raw, {**env, "REINDEX_ENCODE_QUEUE": "gpu_a100", "REINDEX_GPU_COUNT": "all"})["services"]
+    assert routed["airflow-worker-gpu"]["command"][3] == "gpu_a100"
+    assert routed["airflow-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    for name in AIRFLOW_SERVICES:
+        assert routed[name]["environment"]["REINDEX_ENCODE_QUEUE"] == "gpu_a100", name
+    assert "--queues" not in " ".join(cpu["command"] if isinstance(cpu["command"], list) else [cpu["command"]])
+
+
+def test_fan_out_settings_reach_every_airflow_service(compose, monkeypatch):
+    """Defaults equal reindex.settings' own; the values the services get are what the DAG parse reads."""
+    from reindex import settings
+
+    for name in AIRFLOW_SERVICES:
+        e = compose["services"][name]["environment"]
+        assert {k: e[k] for k in ("REINDEX_ENCODE_CONCURRENCY", "REINDEX_ENCODE_QUEUE", "REINDEX_ENCODE_POOL",
+                                  "REINDEX_INGEST_CONCURRENCY")} == {
+            "REINDEX_ENCODE_CONCURRENCY": "2", "REINDEX_ENCODE_QUEUE": "", "REINDEX_ENCODE_POOL": "",
+            "REINDEX_INGEST_CONCURRENCY": "4"}, name
+        for key in ("REINDEX_ENCODE_CONCURRENCY", "REINDEX_ENCODE_QUEUE", "REINDEX_ENCODE_POOL",
+                    "REINDEX_INGEST_CONCURRENCY"):
+            monkeypatch.setenv(key, e[key])
+        assert (settings.encode_concurrency(), settings.encode_queue(), settings.encode_pool(),
+                settings.ingest_concurrency()) == (2, None, None, 4)
+
+
+def test_every_worker_reaches_the_corpus_and_the_store(compose):
+    """Corpora live on one named volume mounted at the corpus root of every Airflow service, so a document a
+    scan listed on one worker can be read by the encode task on another; the store is PostgreSQL over TCP."""
+    assert "corpora" in compose["volumes"]
+    for name in AIRFLOW_SERVICES:
+        svc = compose["services"][name]
+        e = svc["environment"]
+        assert e["REINDEX_CORPUS_ROOT"] == "/opt/reindex/corpora", name
+        assert "corpora:/opt/reindex/corpora" in svc["volumes"], name
+        # config/corpora.yaml's relative uri include/sample_corpus resolves inside it, as it did under /opt/airflow
+        assert "./include/sample_corpus:/opt/reindex/corpora/include/sample_corpus:ro" in svc["volumes"], name
+        store = json.loads(e["AIRFLOW_CONN_REINDEX_PG"])
+        assert (store["host"], store["port"]) == ("postgres", 5432), name
+    corpora = yaml.safe_load((ROOT / "config" / "corpora.yaml").read_text())["corpora"]
+    assert "include/sample_corpus" in {c["uri"] for c in corpora}
+
+
+@pytest.mark.parametrize("pool,slots,expected", [
+    ("gpu_pool", "3", ["db migrate", "pools set gpu_pool 3 reindex encode tasks (REINDEX_ENCODE_POOL)", "version"]),
+    ("", "1", ["db migrate", "version"]),
+])
+def test_airflow_init_creates_the_encode_pool(compose, tmp_path, pool, slots, expected):
+    """airflow-init's command, run by bash with a recording stand-in for `airflow`: the pool named by
+    REINDEX_ENCODE_POOL is created (a task in a missing pool is never scheduled); none when it is empty."""
+    command = compose["services"]["airflow-init"]["command"]
+    assert command[:2] == ["bash", "-c"]
+    record = tmp_path / "calls"
+    fake = tmp_path / "bin" / "airflow"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    script = command[2].replace("$$", "$")  # Compose's escape, as the container's bash receives it
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={
+        "PATH": f"{fake.parent}:{os.environ['PATH']}", "REINDEX_ENCODE_POOL": pool, "REINDEX_ENCODE_POOL_SLOTS": slots})
+    assert done.returncode == 0, done.stderr
+    assert record.read_text().splitlines() == expected
