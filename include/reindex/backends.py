@@ -106,7 +106,9 @@ class ServiceBackend:
         return self._encoder
 
     def model_spec(self) -> ModelSpec:
-        return self.encoder.spec.stored_as(self.cfg.storage)
+        spec = self.encoder.spec.stored_as(self.cfg.storage)
+        self.encoder.close()  # its connections reopen if the encoder is used later; none idle meanwhile
+        return spec
 
     def tokenizer_path(self) -> Path:
         return resolve_model_path("default")
