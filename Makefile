@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv native browser demo test test-fast airflow status lint lock db-stop clean bench
+.PHONY: help venv native browser demo test test-fast airflow airflow-celery status lint lock db-stop clean bench
 
 help:
 	@echo "make demo     set up everything and run reindex_corpus on the bundled sample corpus (BACKEND=local)"
@@ -19,6 +19,8 @@ help:
 	@echo "make browser  install Debian's chromium for the browser test if /usr/bin/chromium is missing (root)"
 	@echo "make airflow  start Airflow (standalone) on the embedded database: UI at http://localhost:8080"
 	@echo "              BACKEND=vertex also starts the GCS + Vertex emulators and points the Google path at them"
+	@echo "make airflow-celery  the same with the CeleryExecutor: api-server, scheduler, dag-processor, triggerer and"
+	@echo "              two Celery workers (broker: PostgreSQL, or REINDEX_CELERY_BROKER=redis://...); docs/scale-out.md"
 	@echo "make status   python -m reindex status --corpus sample"
 	@echo "make lint     ruff"
 	@echo "make db-stop  stop the embedded PostgreSQL under .data/pg"
@@ -72,6 +74,15 @@ GCS_PORT ?= 9023
 VERTEX_PORT ?= 8790
 airflow: native
 	$(BIN)/python scripts/devenv.py airflow --backend $(BACKEND) --gcs-port $(GCS_PORT) --vertex-port $(VERTEX_PORT)
+
+# CeleryExecutor on one host, no Docker (scripts/celery_stack.py, docs/scale-out.md): api-server, scheduler,
+# dag-processor, triggerer and CELERY_WORKERS workers on the embedded database; the broker is Celery's SQLAlchemy
+# transport on it unless REINDEX_CELERY_BROKER (e.g. redis://localhost:6379/0) is set. Ctrl-C stops it all.
+CELERY_WORKERS ?= 2
+CELERY_ARGS ?=
+airflow-celery: native
+	$(BIN)/python scripts/devenv.py airflow --backend $(BACKEND) --gcs-port $(GCS_PORT) --vertex-port $(VERTEX_PORT) \
+	  -- $(BIN)/python scripts/celery_stack.py --workers $(CELERY_WORKERS) $(CELERY_ARGS)
 
 status: $(STAMP)
 	$(BIN)/python -m reindex status --corpus sample
