@@ -31,6 +31,17 @@ class Backend(StrEnum):
     SERVICE = "service"  # a remote embedding service over HTTP (seed004 or OpenAI-compatible)
 
 
+class Encoder(StrEnum):
+    """What runs the model of ``backend=local`` (part of the model checksum: another runtime is another store).
+    Measured in benchmarks/README.md (runtimes): fp32 ONNX Runtime / OpenVINO give torch's vectors within 1e-5
+    cosine; ``openvino-bf16`` trades a little agreement for speed on CPUs with bf16 support."""
+
+    TORCH = "torch"  # sentence-transformers on torch (the default)
+    ONNX = "onnx"  # the model exported to ONNX, run by ONNX Runtime (fp32)
+    OPENVINO = "openvino"  # the ONNX export run by OpenVINO, fp32 inference precision
+    OPENVINO_BF16 = "openvino-bf16"  # OpenVINO in bfloat16 (AMX / AVX-512 BF16 CPUs)
+
+
 class IndexType(StrEnum):
     HNSW = "hnsw"
     IVFFLAT = "ivfflat"
@@ -107,6 +118,8 @@ class ReindexConfig:
     # service: the Airflow connection of the embedding service (None: REINDEX_SERVICE_CONN_ID, default
     # ``reindex_embedding_service``).
     service_conn_id: str | None = None
+    # local: what runs the model (``Encoder``); in the model checksum, so a corpus changes it by an upgrade.
+    encoder: Encoder = Encoder.TORCH
 
     def __post_init__(self) -> None:
         validate_corpus_name(self.corpus)
@@ -136,6 +149,15 @@ class ReindexConfig:
             object.__setattr__(self, "follow_active_model", True)
         if not isinstance(self.model, str):
             raise ConfigError(f"model must be a model name or path, got {self.model!r}")
+        try:
+            object.__setattr__(self, "encoder", Encoder(self.encoder or Encoder.TORCH))
+        except ValueError:
+            raise ConfigError(
+                f"encoder {self.encoder!r} is not supported: choose one of {[e.value for e in Encoder]}"
+            ) from None
+        if self.encoder != Encoder.TORCH and self.backend != Backend.LOCAL:
+            raise ConfigError(f"encoder={self.encoder.value} runs the model in this worker: it needs backend=local, "
+                              f"not {self.backend.value}")
         _check_range("max_tokens", self.max_tokens, MAX_TOKENS_RANGE)
         _check_range("overlap_tokens", self.overlap_tokens, (0, self.max_tokens // 2))
         _check_range("partition_size", self.partition_size, PARTITION_SIZE_RANGE)
@@ -183,4 +205,5 @@ class ReindexConfig:
         d["index_type"] = self.index_type.value
         d["storage"] = self.storage.value
         d["on_busy"] = self.on_busy.value
+        d["encoder"] = self.encoder.value
         return d
