@@ -18,7 +18,8 @@ The same texts (``make_texts``: Russian and English halves, 40–1,200 character
 The service's cache is off, so every text is encoded (checked: the service's ``texts_encoded`` must
 equal the texts sent). Both the service process and the local baseline get ``OMP_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` = ``threads`` (default: every core), so torch uses the cores the same way in both.
-The service's vectors are compared with the local baseline's (max abs difference).
+The service's vectors are compared with the local baseline's (max abs difference). The service's encode
+timeout is raised to ``ENCODE_TIMEOUT_S`` (see there): a text that fails fails the benchmark.
 
 Workers run as ``python -m benchmarks.service <local|client> '<json>'`` and print one JSON line.
 """
@@ -41,6 +42,11 @@ log = logging.getLogger("benchmarks.service")
 
 SERVICE_START_TIMEOUT_S = 180.0  # loading the model on a busy 2-core machine
 WARM_TEXTS = 16  # untimed warm-up texts per worker (first forward passes, connections)
+# The service encodes one request at a time (its model is serialised), so a request at concurrency c waits up
+# to c - 1 encodes in its queue, and that wait counts against its encode timeout (30 s by default). At 6 requests
+# of 128 texts on a loaded 2-core machine that is more than 30 s: every queued request came back 503. The benchmark
+# measures throughput, not that limit, so the service gets ENCODE_TIMEOUT_S and the client a read timeout above it.
+ENCODE_TIMEOUT_S = 600.0
 
 
 def _texts(n: int, seed: int) -> list[str]:
@@ -118,7 +124,7 @@ def client_worker(p: dict) -> dict:
 
     texts = _texts(p["texts"], p["seed"])
     settings = ServiceSettings(url=p["url"], protocol="seed004", concurrency=p["concurrency"],
-                               max_batch_size=p.get("batch_size"))
+                               max_batch_size=p.get("batch_size"), timeout_seconds=p["client_timeout_s"])
     pid = p.get("service_pid")
     with ServiceEncoder(settings) as enc:
         ident = enc.identity  # /model-info: the limits (untimed)
@@ -174,13 +180,13 @@ def _run(role: str, params: dict, *, env: dict | None = None, timeout: float = 1
 class ServiceProcess:
     """``python -m reindex.emulators.embedding_service`` on a free port, its log under ``log_path``."""
 
-    def __init__(self, embedder: str, *, env: dict, log_path: Path) -> None:
+    def __init__(self, embedder: str, *, env: dict, log_path: Path, encode_timeout_s: float) -> None:
         self.embedder = embedder
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reindex.emulators.embedding_service", "--embedder", embedder, "--port", "0",
-             "--no-cache", "--log-level", "WARNING"],
+             "--no-cache", "--encode-timeout", str(encode_timeout_s), "--log-level", "WARNING"],
             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=self._log, text=True)
         self.url = self._wait_listening()
 
@@ -235,7 +241,8 @@ class ServiceProcess:
 # --- the benchmark -----------------------------------------------------------------------------------
 
 def run(data_dir: Path, *, texts: int = 1000, seed: int = 1, concurrency: tuple[int, ...] = (1, 2, 6),
-        batch_size: int | None = None, threads: int | None = None, repeat: int = 1) -> dict:
+        batch_size: int | None = None, threads: int | None = None, repeat: int = 1,
+        encode_timeout_s: float = ENCODE_TIMEOUT_S) -> dict:
     """Local baseline and the service client at each concurrency ``repeat`` times, alternating (fastest kept,
     shared machine); then the noop service at the highest concurrency."""
     if texts < 1 or not concurrency or min(concurrency) < 1:
@@ -245,7 +252,8 @@ def run(data_dir: Path, *, texts: int = 1000, seed: int = 1, concurrency: tuple[
     threads = threads or os.cpu_count() or 1
     # The same torch intra-op pool in the local baseline and in the service process.
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    base = {"texts": texts, "seed": seed}
+    client_timeout_s = encode_timeout_s + 60  # the service's 503 arrives before the client gives up
+    base = {"texts": texts, "seed": seed, "client_timeout_s": client_timeout_s}
     top = max(concurrency)
     runs: dict[str, list[dict]] = {}
 
@@ -256,7 +264,7 @@ def run(data_dir: Path, *, texts: int = 1000, seed: int = 1, concurrency: tuple[
         log.info("service %s: %s", label, result)
         runs.setdefault(label, []).append(result)
 
-    service = ServiceProcess("model", env=env, log_path=work / "service-model.log")
+    service = ServiceProcess("model", env=env, log_path=work / "service-model.log", encode_timeout_s=encode_timeout_s)
     try:
         import httpx
 
@@ -271,7 +279,7 @@ def run(data_dir: Path, *, texts: int = 1000, seed: int = 1, concurrency: tuple[
         service_rss_mib = service.peak_rss_mib()
     finally:
         service.stop()
-    noop = ServiceProcess("noop", env=env, log_path=work / "service-noop.log")
+    noop = ServiceProcess("noop", env=env, log_path=work / "service-noop.log", encode_timeout_s=encode_timeout_s)
     try:
         for _ in range(max(1, repeat)):
             measured(f"noop service, concurrency {top} (client overhead)", "client",
@@ -303,6 +311,7 @@ def run(data_dir: Path, *, texts: int = 1000, seed: int = 1, concurrency: tuple[
             "batch_size": model_top["batch_size"], "concurrency": list(concurrency), "protocol": "seed004",
             "model": info["model_name"], "service_max_batch_size": info["max_batch_size"],
             "service_max_concurrent_requests": info["max_concurrent_requests"],
+            "service_encode_timeout_s": info["encode_timeout_seconds"], "client_timeout_s": client_timeout_s,
             "service_rss_mib": service_rss_mib and round(service_rss_mib, 1),
             "overhead_share": noop_row["overhead_share"], "methods": rows}
 
