@@ -9,9 +9,10 @@ USER airflow
 WORKDIR /opt/reindex
 # CPU torch wheel from PyTorch's index (the default one pulls the multi-GB CUDA build);
 # CeleryExecutor needs the celery provider and redis client.
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
-        -r requirements.txt -c constraints.txt \
-        apache-airflow-providers-celery==3.26.0 redis==8.1.0
+# The torch wheel index: CPU by default; the GPU worker image (compose profile gpu) passes a CUDA index.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --extra-index-url ${TORCH_INDEX_URL} \
+        -r requirements.txt -c constraints.txt
 # The native result parser; without a compiler in the image the simdjson path is used.
 RUN python -m reindex.native --optional
 WORKDIR /opt/airflow

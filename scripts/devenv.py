@@ -283,7 +283,7 @@ def run(backend: str, command: list[str], *, gcs_port: int, vertex_port: int, wi
             kill_group()
             return
         stopping.update(signal=signum, deadline=time.monotonic() + GRACE_SECONDS)
-        print(f"stopping: SIGINT to {command[-1]} (again to kill at once; SIGKILL in {GRACE_SECONDS} s)", flush=True)
+        print(f"stopping: SIGINT to {' '.join(command[:3])} (again to kill at once; SIGKILL in {GRACE_SECONDS} s)", flush=True)
         child.send_signal(signal.SIGINT)
 
     try:
