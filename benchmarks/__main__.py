@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_DIR, ROOT, machine
 
-ALL = ("ingest", "encode", "incremental", "airflow", "service")
+ALL = ("ingest", "encode", "incremental", "airflow", "service", "scan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", type=int, default=100_000, help="ingest: result lines")
     parser.add_argument("--rss-lines", type=int, default=0, help="ingest: also measure the project path's RSS "
                         "at this many lines (e.g. 1000000: ~16 GB of JSONL, ~10 min setup)")
-    parser.add_argument("--no-gcs", action="store_true", help="ingest: skip the GCS-emulator run")
+    parser.add_argument("--no-gcs", action="store_true", help="ingest, scan: skip the GCS-emulator runs")
     parser.add_argument("--no-variants", action="store_true", help="ingest: skip before/proposal variants")
     parser.add_argument("--ingest-tasks", default="2,4",
                         help="ingest: also run the project path with this many task processes at once (comma list)")
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="service: texts per request (default: the service's max_batch_size, 128)")
     parser.add_argument("--service-threads", type=int, default=None,
                         help="service: OMP/MKL threads of the service process and the local baseline (default: nproc)")
+    parser.add_argument("--scan-docs", type=int, default=200_000,
+                        help="scan: documents, one small .txt file each (the issue's size: 1000000)")
+    parser.add_argument("--scan-gcs-docs", type=int, default=2_000, help="scan: documents uploaded to the GCS emulator")
+    parser.add_argument("--scan-edit-fraction", type=float, default=0.01, help="scan: documents edited for run 3")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--report", type=Path, help="only render the tables of an existing results JSON")
     parser.add_argument("--merge", action="store_true", help="keep the other benchmarks' results already in --out "
@@ -85,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
+        if args.merge and args.out.exists():
+            # another benchmark run may have written its sections since this one started: keep what is there now
+            current = json.loads(args.out.read_text())
+            for key in ALL:
+                if key not in only and current.get(key):
+                    results[key] = current[key]
+                    results[key].setdefault("command", current.get("command"))
+                    results[key].setdefault("date", current.get("date"))
         for key in only:
             if key in results:
                 results[key]["command"] = results["command"]
@@ -130,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         results["service"] = service.run(
             args.dir, texts=args.service_texts, batch_size=args.service_batch_size, threads=args.service_threads,
             concurrency=tuple(int(n) for n in args.service_concurrency.split(",") if n.strip()), repeat=args.repeat)
+        save()
+    if "scan" in only:
+        from benchmarks import scan
+
+        results["scan"] = scan.run(args.dir, docs=args.scan_docs, gcs_docs=args.scan_gcs_docs,
+                                   edit_fraction=args.scan_edit_fraction, gcs=not args.no_gcs)
         save()
     results["load_at_end"] = os.getloadavg()
     save()

@@ -76,6 +76,7 @@ def _run(store, cfg, root: Path, batch_id: str, encoder: CountingEncoder) -> dic
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "stages": {k: round(v, 2) for k, v in stages.items()},
             "documents": manifest["documents"], "unchanged_documents": manifest["unchanged_documents"],
+            "read_files": manifest.get("read_files"), "unchanged_files": manifest.get("unchanged_files"),
             "chunks": manifest["chunks"], "pending": manifest.get("pending"), "reused": manifest.get("reused"),
             "partitions": len(parts), "encoded_texts": encoder.texts, "encode_calls": encoder.calls,
             "encode_seconds": round(encoder.seconds, 2), "status": summary.status.value, "ready": summary.ready}

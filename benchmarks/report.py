@@ -116,10 +116,48 @@ def service_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def scan_table(r: dict) -> str:
+    runs = r["runs"]
+    full = runs["full"]
+    out = [f"**Corpus scan** (the `chunk_corpus` task, one task; `prepare` in its own process before it), "
+           f"{r['docs']:,} documents, one `.txt` file each ({r['chars'][0]:,}–{r['chars'][1]:,} characters, "
+           f"{r['bytes'] / 2**20:,.0f} MiB, {r['per_folder']:,} files a folder) → {full['chunks']:,} chunks "
+           f"({r['chunks_per_document']} a document), local disk (page cache), the local backend's tokenizer:", "",
+           "| run | scan s | documents/s | chunks/s | × full scan | files read | files unchanged | chunks to embed "
+           "| scan CPU s | scan peak RSS MiB | prepare s | load before |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in ("walk", "read", "full", "unchanged", "edited", "gcs_full", "gcs_unchanged"):
+        x = runs.get(key)
+        if not x:
+            continue
+        ratio = "–" if x.get("x_full") is None else f"{x['x_full']:.1%}"
+        out.append(f"| {x['label']} | {_f(x['seconds'])} | {_f(x.get('documents_per_s'), 0)} | "
+                   f"{_f(x.get('chunks_per_s'), 0)} | {ratio} | {_f(x.get('read_files'))} | "
+                   f"{_f(x.get('unchanged_files'))} | {_f(x.get('pending'))} | {_f(x.get('client_cpu_s'))} | "
+                   f"{_f(x['rss_mib'], 0)} | {_f(x.get('prepare_s'))} | {_f(x['load_before'])} |")
+    names = {"unchanged": "row 2", "edited": "row 3", "gcs_unchanged": "row 5"}
+    totals = ", ".join(f"{name} {runs[k]['x_full_total']:.1%}" for k, name in names.items()
+                       if runs.get(k, {}).get("x_full_total") is not None)
+    notes = ["", "× full scan: rows 2 and 3 against row 1, row 5 against row 4 (the same GCS sample); with the "
+                 f"`prepare` task's seconds added to both sides: {totals}. \"chunks to embed\": the chunks the scan "
+                 "left PENDING for the encode stage (before rows 2 and 5 every chunk got a stub vector, "
+                 f"{r['fill_seconds']:,.0f} s, not timed: a nightly run follows one that embedded everything). "
+                 "The walk and read rows use no store: the floors of the unchanged and of the full scan. \"load "
+                 f"before\": the 1-minute load average ({r.get('load_at_start', ['?'])[0]} when the section started, "
+                 f"{r.get('load_at_end', ['?'])[0]} at its end)."]
+    ex = r.get("extrapolated")
+    if ex:
+        cells = "; ".join(f"{int(n):,} documents: full ≈ {v['full_s']:,} s, unchanged ≈ {v['unchanged_s']:,} s, "
+                          f"{r['edit_fraction']:.0%} edited ≈ {v['edited_s']:,} s" for n, v in ex.items())
+        notes += ["", f"**Extrapolation** (linear in the documents from the scan seconds above, not measured), one "
+                      f"scan task on this machine: {cells}."]
+    return "\n".join(out + notes)
+
+
 def render(results: dict) -> str:
     parts = [f"Run {results['date']} on {results['machine_line']}; command: `{results['command']}`."]
     for key, fn in (("ingest", ingest_table), ("encode", encode_table), ("incremental", incremental_table),
-                    ("airflow", airflow_table), ("service", service_table)):
+                    ("airflow", airflow_table), ("service", service_table), ("scan", scan_table)):
         if results.get(key):
             section = fn(results[key])
             cmd = results[key].get("command")

@@ -38,3 +38,32 @@ def test_padded_tokens_counts_each_request_sorted_apart():
     assert padded_tokens(lengths, 3, 2) == 54
     # A last request shorter than the batch is padded only to its own texts.
     assert padded_tokens(lengths, 4, 4) == 4 * 10 + 2 * 8
+
+
+def test_scan_corpus_is_one_small_file_per_document_and_edits_are_undone(tmp_path):
+    from benchmarks import scan
+
+    root = tmp_path / "corpus"
+    size = scan.write_txt_corpus(root, 1_500, seed=3)
+    files = sorted(root.rglob("*.txt"))
+    assert [p.parent.name for p in (files[0], files[999], files[1000], files[-1])] == ["f00000", "f00000", "f00001",
+                                                                                     "f00001"]
+    assert len(files) == 1_500 and sum(p.stat().st_size for p in files) == size
+    texts = [p.read_text() for p in files]
+    assert len(set(texts)) == 1_500 and texts[1_234].startswith("#1234.")
+    assert all(scan.MIN_CHARS <= len(t) <= scan.MAX_CHARS for t in texts)
+
+    chosen = scan.choose_edits(1_500, 0.01, seed=1)
+    assert len(chosen) == 15 and chosen == sorted(set(chosen))
+    before = {i: scan.doc_path(root, i).read_bytes() for i in chosen}
+    scan.edit_documents(root, chosen, night=1)
+    assert all(scan.doc_path(root, i).read_bytes().endswith(b"the text changed here.") for i in chosen)
+    scan.restore_documents(root, 1_500, chosen, seed=3)
+    assert {i: scan.doc_path(root, i).read_bytes() for i in chosen} == before
+
+    # the store-free floors: the walk names every file unchanged and opens none; the read opens all
+    walk = scan.worker({"task": "walk", "corpus_uri": str(root)})
+    read = scan.worker({"task": "read", "corpus_uri": str(root)})
+    assert (walk["files"], walk["read_files"], walk["unchanged_files"], walk["documents"]) == (1_500, 0, 1_500, 0)
+    assert (read["files"], read["read_files"], read["documents"], read["chars"]) == (1_500, 1_500, 1_500,
+                                                                                    sum(map(len, texts)))
