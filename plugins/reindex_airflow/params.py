@@ -23,6 +23,7 @@ from reindex.config import (
     MAX_TOKENS_RANGE,
     PARTITION_SIZE_RANGE,
     Backend,
+    Encoder,
     IndexType,
     OnBusy,
     Storage,
@@ -47,6 +48,11 @@ def _embedding_params() -> dict[str, Param]:
         "encode_batch_size": Param(64, type="integer", minimum=ENCODE_BATCH_RANGE[0], maximum=ENCODE_BATCH_RANGE[1],
                                    title="Encode batch size",
                                    description="Texts per forward pass of the local encoder."),
+        "encoder": Param(Encoder.TORCH.value, type="string", enum=[e.value for e in Encoder], title="Encoder",
+                         description="backend=local: what runs the model — torch, or the model exported once (cached) "
+                                     "to ONNX Runtime / OpenVINO fp32 (torch's vectors within 1e-5 cosine), or "
+                                     "OpenVINO bf16 (faster on bf16 CPUs, top-10 agreement ~99 %). Part of the model "
+                                     "checksum: a corpus changes encoder through reindex_model_upgrade."),
         "index_type": Param(IndexType.HNSW.value, type="string", enum=[i.value for i in IndexType], title="Index",
                             description="Cosine index built after the load (none: exact search only)."),
         "ivfflat_lists": Param(None, type=["null", "integer"], minimum=IVFFLAT_LISTS_RANGE[0],
@@ -131,4 +137,27 @@ def upgrade_params() -> dict[str, Param]:
                                              "default 168)."),
         "max_failed": Param(0, type="integer", minimum=0, title="Max failed chunks",
                             description="Switch even if up to this many chunks got no new vector."),
+        **quality_params(),
+    }
+
+
+def quality_params() -> dict[str, Param]:
+    """The quality gate before ``switch_model``: the new store against the old one (reindex.quality)."""
+    return {
+        "quality_below": Param("fail", type="string", enum=["fail", "switch", "wait"], title="Below the quality bar",
+                               description="When the new store retrieves worse than the old one: fail (the old model "
+                                           "keeps serving), switch anyway, or wait for a human to approve or reject "
+                                           "the switch (Required Actions; the figures are in the request)."),
+        "quality_max_drop": Param(0.02, type="number", minimum=0, maximum=1, title="Max hit-rate drop",
+                                  description="The new store may find a query's own document in its top 10 at most "
+                                              "this much less often than the old one (0.02 = 2 points)."),
+        "quality_min_agreement": Param(0.97, type="number", minimum=0, maximum=1, title="Min top-10 agreement",
+                                       description="Same model weights (only encoder, precision or storage change): "
+                                                   "the two stores' exact top-10 must agree at least this much."),
+        "quality_sample": Param(100, type="integer", minimum=1, maximum=10_000, title="Sampled queries",
+                                description="Without user queries: chunks sampled from the corpus, a span of each "
+                                            "used as a query that should find its own document."),
+        "quality_queries": Param(None, type=["null", "string", "array"], title="User queries",
+                                 description="Instead of sampled chunks: a list of query texts, or a file path "
+                                             "(one query per line, or JSONL {\"query\": …, \"doc_id\": …})."),
     }
