@@ -38,7 +38,7 @@ class LocalBackend:
             from reindex.embeddings.local import LocalEncoder
 
             self._encoder = LocalEncoder(self.cfg.model, batch_size=self.cfg.encode_batch_size,
-                                         normalize=self.cfg.normalize)
+                                         normalize=self.cfg.normalize, encoder=self.cfg.encoder.value)
         return self._encoder
 
     def model_spec(self) -> ModelSpec:

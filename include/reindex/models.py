@@ -1,8 +1,9 @@
 """Model identity: where a model lives, its dimension, normalisation and checksum.
 
 Every stored vector carries the checksum of the model that made it. The checksum changes when
-the model id, its revision (weights), the dimension, normalisation, numeric precision or storage
-change, so vectors from different models are never mixed in one store.
+the model id, its revision (weights), the dimension, normalisation, numeric precision, storage or the
+runtime that computes the vectors (torch, ONNX Runtime, OpenVINO) change, so vectors from different models are
+never mixed in one store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class ModelSpec:
     precision: str = "fp32"
     max_seq_length: int | None = None
     storage: str = Storage.VECTOR.value
+    # What computes the vectors: ``torch`` (sentence-transformers itself), ``onnx`` (ONNX Runtime) or
+    # ``openvino`` — other kernels, other float rounding (and with ``precision`` bf16/int8, other numbers).
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         try:
@@ -45,7 +49,9 @@ class ModelSpec:
     def checksum(self) -> str:
         """Identifies the numbers stored. Half floats are other numbers than the float32 the model
         made (as fp16 ``precision`` is), so ``storage`` enters the checksum; only when it is not
-        ``vector``, so every checksum made before storage existed stays what it was."""
+        ``vector``, so every checksum made before storage existed stays what it was. The same holds for
+        ``runtime``: it enters only when it is not ``torch`` (every torch checksum is unchanged), so a
+        store of ONNX or OpenVINO vectors is another store and switching runtime is a model upgrade."""
         ident = {
             "model_id": self.model_id,
             "revision": self.revision,
@@ -56,6 +62,8 @@ class ModelSpec:
         }
         if self.storage != Storage.VECTOR:
             ident["storage"] = self.storage
+        if self.runtime != "torch":
+            ident["runtime"] = self.runtime
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def stored_as(self, storage: str) -> ModelSpec:

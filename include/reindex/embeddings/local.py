@@ -13,16 +13,23 @@ forward pass, pooling and normalisation — the model's own ``preprocess`` and `
 * on CUDA the next batch is tokenized in a background thread while the GPU runs the current one,
   and ``precision="fp16"`` runs the model in half precision. fp16 changes the numerics, so it is
   part of the ``ModelSpec`` (``precision``) and so of the model checksum; CPU always runs fp32.
+
+``encoder`` chooses what runs the forward pass (``reindex.config.Encoder``): ``torch`` (the model itself), or
+the model exported once to ONNX and run by ONNX Runtime or OpenVINO (``reindex.embeddings.runtimes``: the
+export cache, the runtimes). Tokenization, batching, truncation and normalisation stay the same; the runtime
+and its precision are in the ``ModelSpec`` (``runtime``, ``precision``) and so in the model checksum.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
-from reindex.config import DEFAULT_MODEL
+from reindex.config import DEFAULT_MODEL, Encoder
 from reindex.errors import ConfigError
 from reindex.models import ModelSpec, model_id_for, model_revision, offline_hub, resolve_model_path
 from reindex.prefetch import prefetched
@@ -52,13 +59,60 @@ def _load(path: str, device: str, precision: str = "fp32"):
     return model
 
 
+@functools.lru_cache(maxsize=4)
+def _load_for_runtime(path: str, encoder: str, model_id: str, normalize: bool):
+    """``(model, forward, export, torch_spec)`` of an exported runtime. The sentence-transformers model keeps
+    tokenizing (its own ``preprocess``); once the export exists its weights are dropped (moved to the ``meta``
+    device), so the process holds them once, in the runtime. ``torch_spec`` is the fp32 torch model the export
+    was made from: its checksum keys the export cache."""
+    from reindex.embeddings import runtimes
+
+    model = _load_fresh(path)
+    torch_spec = spec_of(model, model_id, Path(path), normalize=normalize, precision="fp32", runtime="torch")
+    runtime = runtimes.runtime_for(encoder)
+    export = runtimes.ensure_export(model, torch_spec.checksum, openvino=runtime.name == "openvino")
+    forward = runtimes.forward_for(runtime, export)
+    model.to("meta")
+    return model, forward, export, torch_spec
+
+
+def _load_fresh(path: str):
+    offline_hub()
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu", local_files_only=True)
+
+
+def spec_of(model, model_id: str, path: Path, *, normalize: bool, precision: str, runtime: str) -> ModelSpec:
+    """The ``ModelSpec`` of a loaded sentence-transformers ``model`` read from ``path``."""
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = getter()
+    if not dim:
+        raise ConfigError(f"model {model_id!r} does not declare its embedding dimension")
+    return ModelSpec(model_id=model_id, revision=model_revision(path), dim=int(dim), normalized=normalize,
+                     backend=LocalEncoder.backend, precision=precision, max_seq_length=model.max_seq_length,
+                     runtime=runtime)
+
+
 class LocalEncoder:
     """A sentence-transformers model that encodes texts into (normalised) float32 vectors."""
 
     backend = "local"
 
     def __init__(self, model: str = DEFAULT_MODEL, *, batch_size: int = 64, device: str | None = None,
-                 normalize: bool = True, precision: str = "fp32", sort_by_tokens: bool = True) -> None:
+                 normalize: bool = True, precision: str = "fp32", sort_by_tokens: bool = True,
+                 encoder: str = Encoder.TORCH.value) -> None:
+        from reindex.embeddings.runtimes import runtime_for
+
+        self.runtime = runtime_for(encoder)
+        self.encoder = Encoder(encoder)
+        if self.runtime.name != "torch":
+            if precision != "fp32":
+                raise ConfigError(f"precision {precision!r} is torch's (CUDA); encoder={self.encoder.value} runs "
+                                  f"{self.runtime.precision}")
+            if device is not None and str(device) != "cpu":
+                raise ConfigError(f"encoder={self.encoder.value} runs on the CPU; device {device!r} needs "
+                                  "encoder=torch")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is not supported: choose one of {list(PRECISIONS)}")
         if precision != "fp32" and device is not None and not str(device).startswith("cuda"):
@@ -73,6 +127,8 @@ class LocalEncoder:
 
     @functools.cached_property
     def model(self):
+        if self.runtime.name != "torch":
+            return self._runtime[0]
         device = self.device or auto_device()
         if self.precision != "fp32" and not device.startswith("cuda"):
             raise ConfigError(f"precision {self.precision!r} needs a CUDA device; {device} runs fp32")
@@ -80,25 +136,30 @@ class LocalEncoder:
         return _load(str(self.path), device, self.precision)
 
     @functools.cached_property
+    def _runtime(self):
+        """``(tokenizing model, forward, export, torch_spec)`` of an exported runtime (exported on first use)."""
+        log.info("loading %s from %s with encoder=%s", self.model_name, self.path, self.encoder.value)
+        return _load_for_runtime(str(self.path), self.encoder.value, model_id_for(self.model_name), self.normalize)
+
+    @property
+    def export(self):
+        """The cached export this encoder runs (``runtimes.Export``); None for ``encoder=torch``."""
+        return None if self.runtime.name == "torch" else self._runtime[2]
+
+    @functools.cached_property
     def spec(self) -> ModelSpec:
-        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        dim = getter()
-        if not dim:
-            raise ConfigError(f"model {self.model_name!r} does not declare its embedding dimension")
-        return ModelSpec(
-            model_id=model_id_for(self.model_name),
-            revision=model_revision(self.path),
-            dim=int(dim),
-            normalized=self.normalize,
-            backend=self.backend,
-            precision=self.precision,
-            max_seq_length=self.model.max_seq_length,
-        )
+        if self.runtime.name == "torch":
+            return spec_of(self.model, model_id_for(self.model_name), self.path, normalize=self.normalize,
+                           precision=self.precision, runtime="torch")
+        torch_spec = self._runtime[3]
+        return replace(torch_spec, precision=self.runtime.precision, runtime=self.runtime.name)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Vectors for ``texts`` as a float32 array of shape (len(texts), dim)."""
         if not texts:
             return np.empty((0, self.spec.dim), dtype=np.float32)
+        if self.runtime.name != "torch":
+            return self._encode_runtime(texts)
         if not self.sort_by_tokens or len(texts) <= 1:
             vectors = self.model.encode(
                 texts, batch_size=self.batch_size, normalize_embeddings=self.normalize,
@@ -114,6 +175,26 @@ class LocalEncoder:
         enc = tokenizer(texts, add_special_tokens=True, truncation=limit is not None, max_length=limit,
                         return_attention_mask=False, return_token_type_ids=False)
         return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+
+    def _encode_runtime(self, texts: list[str]) -> np.ndarray:
+        """Token-length-sorted batches: the model's own preprocess, then the exported runtime's forward pass."""
+        model, forward = self._runtime[:2]
+        order = np.argsort(-self.token_lengths(texts), kind="stable") if self.sort_by_tokens else np.arange(len(texts))
+        resolve = getattr(model, "_resolve_prompt", None)
+        prompt = resolve(None, None) if resolve else None
+        truncate_dim = getattr(model, "truncate_dim", None)
+        out = np.empty((len(texts), self.spec.dim), dtype=np.float32)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            feats = model.preprocess([texts[j] for j in idx], prompt=prompt)
+            emb = forward({k: v.numpy() for k, v in feats.items() if hasattr(v, "numpy")})
+            if truncate_dim:
+                emb = emb[..., :truncate_dim]
+            if self.normalize:
+                # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            out[idx] = emb
+        return out
 
     def _encode_sorted(self, texts: list[str]) -> np.ndarray:
         """Token-length-sorted batches through the model's own preprocess → forward → pooling."""
