@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_DIR, ROOT, machine
 
-ALL = ("ingest", "encode", "incremental", "airflow", "service", "scan")
+ALL = ("ingest", "encode", "incremental", "airflow", "service", "scan", "runtimes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scan: documents, one small .txt file each (the issue's size: 1000000)")
     parser.add_argument("--scan-gcs-docs", type=int, default=2_000, help="scan: documents uploaded to the GCS emulator")
     parser.add_argument("--scan-edit-fraction", type=float, default=0.01, help="scan: documents edited for run 3")
+    parser.add_argument("--runtime-texts", type=int, default=2000, help="runtimes: real corpus chunks per model")
+    parser.add_argument("--runtime-models", default="minilm,deep", help="runtimes: minilm and/or deep (12-layer 768-d)")
+    parser.add_argument("--no-runtime-int8", action="store_true", help="runtimes: skip the tried-not-offered int8 rows")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--report", type=Path, help="only render the tables of an existing results JSON")
     parser.add_argument("--merge", action="store_true", help="keep the other benchmarks' results already in --out "
@@ -148,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
         results["scan"] = scan.run(args.dir, docs=args.scan_docs, gcs_docs=args.scan_gcs_docs,
                                    edit_fraction=args.scan_edit_fraction, gcs=not args.no_gcs)
+        save()
+    if "runtimes" in only:
+        from benchmarks import runtimes
+
+        results["runtimes"] = runtimes.run(
+            args.dir, texts=args.runtime_texts, batch_size=args.batch_size, repeat=args.repeat,
+            int8=not args.no_runtime_int8, models=tuple(m.strip() for m in args.runtime_models.split(",") if m.strip()))
         save()
     results["load_at_end"] = os.getloadavg()
     save()

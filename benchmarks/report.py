@@ -154,10 +154,17 @@ def scan_table(r: dict) -> str:
     return "\n".join(out + notes)
 
 
+def runtimes_table(r: dict) -> str:
+    from benchmarks.runtimes import table
+
+    return table(r)
+
+
 def render(results: dict) -> str:
     parts = [f"Run {results['date']} on {results['machine_line']}; command: `{results['command']}`."]
     for key, fn in (("ingest", ingest_table), ("encode", encode_table), ("incremental", incremental_table),
-                    ("airflow", airflow_table), ("service", service_table), ("scan", scan_table)):
+                    ("airflow", airflow_table), ("service", service_table), ("scan", scan_table),
+                    ("runtimes", runtimes_table)):
         if results.get(key):
             section = fn(results[key])
             cmd = results[key].get("command")

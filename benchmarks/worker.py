@@ -15,6 +15,10 @@ def main(argv: list[str]) -> None:
         from benchmarks.ingest import worker
     elif task == "encode":
         from benchmarks.encode import worker
+    elif task == "runtimes":
+        from benchmarks.runtimes import worker
+    elif task == "runtimes-prepare":
+        from benchmarks.runtimes import _prepare as worker
     elif task == "airflow":
         from benchmarks.airflow_overhead import worker
     else:
