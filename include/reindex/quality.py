@@ -379,13 +379,31 @@ def same_weights(store, old_checksum: str, new_checksum: str) -> bool:
 def query_encoder(corpus: str, model_checksum: str, config: dict) -> tuple[Encode | None, str]:
     """``(encode, "")`` for queries of the store of ``model_checksum``, made from its run configuration
     (``config``: a ``ReindexConfig`` mapping, or the registry's model config) — or ``(None, why)`` when this
-    process cannot encode its queries (a Vertex AI batch model) or the configuration now gives another model."""
-    from reindex.backends import backend_for
-    from reindex.config import ReindexConfig
+    process cannot encode its queries (a Vertex AI batch model) or the configuration now gives another model.
+
+    A local model registered without its ``encoder`` (older registry entries) is tried with each encoder in turn
+    (torch first) until one gives the store's checksum.
+    """
+    from reindex.config import Backend, Encoder
 
     known = {"model", "backend", "output_dimensionality", "normalize", "storage", "service_conn_id", "encoder",
              "encode_batch_size"}
     values = {k: v for k, v in (config or {}).items() if k in known and v is not None}
+    tries = [values.get("encoder") or Encoder.TORCH.value]
+    if "encoder" not in values and values.get("backend", Backend.LOCAL.value) == Backend.LOCAL.value:
+        tries += [e.value for e in Encoder if e.value not in tries]
+    why = ""
+    for encoder_name in tries:
+        encode, why = _query_encoder(corpus, model_checksum, {**values, "encoder": encoder_name})
+        if encode is not None:
+            return encode, ""
+    return None, why
+
+
+def _query_encoder(corpus: str, model_checksum: str, values: dict) -> tuple[Encode | None, str]:
+    from reindex.backends import backend_for
+    from reindex.config import ReindexConfig
+
     try:
         cfg = ReindexConfig(corpus=corpus, corpus_uri="store", **values)
         backend = backend_for(cfg)
