@@ -15,6 +15,12 @@ fail UNAVAILABLE and are left to ``reindex_retry``), the next meets 429s with Re
 heal inside the task. It then runs the triggered ``reindex_retry`` run, checks that every chunk is READY
 and searches the corpus with the query embedded by the service. It always re-embeds (the service starts
 empty each time, and the fault path is the point). Exit status 1 when anything is not as expected.
+
+``--encoder onnx|openvino|openvino-bf16`` (``make demo ENCODER=…``; local backend) indexes the corpus
+``sample_<encoder>`` with that runtime (the model exported once into the encoder cache, reused after), then
+measures it against plain ``SentenceTransformer.encode()`` on the corpus's own chunks: texts/s of both, the
+speed-up, and the retrieval agreement with fp32 torch (top-10 neighbours, min / mean cosine). Exit status 1
+when an fp32 runtime is not within 1e-5 cosine of torch, or a runtime's top-10 agreement is below 0.97.
 """
 
 from __future__ import annotations
@@ -54,10 +60,17 @@ def main() -> int:
     ap.add_argument("--backend", default=os.environ.get("BACKEND", "local"))
     ap.add_argument("--query", default="How do plants turn sunlight into chemical energy?")
     ap.add_argument("--force", action="store_true", help="re-embed every chunk")
+    ap.add_argument("--encoder", default=os.environ.get("ENCODER") or "torch",
+                    help="backend=local: torch, onnx, openvino or openvino-bf16 (make demo ENCODER=…)")
     args = ap.parse_args()
 
+    if args.encoder != "torch" and args.backend != "local":
+        print(f"demo: --encoder {args.encoder} runs the model locally: it needs --backend local", file=sys.stderr)
+        return 2
     if args.corpus is None:
         args.corpus = "sample" if args.backend == "local" else f"sample_{args.backend}"
+        if args.encoder != "torch":
+            args.corpus = "sample_" + args.encoder.replace("-", "_")  # another runtime is another model: its own corpus
     if args.backend == "service":
         args.force = True  # see the module docstring: every run shows the fault path
     if "://" not in args.corpus_uri:
@@ -86,6 +99,8 @@ def main() -> int:
         return 1
     dag = bag.get_dag("reindex_corpus")
     conf = {"corpus": args.corpus, "corpus_uri": args.corpus_uri, "backend": args.backend, "force": args.force}
+    if args.encoder != "torch":
+        conf["encoder"] = args.encoder
     emulator = None
     if args.backend == "vertex":
         emulator = start_vertex_emulators()
@@ -145,7 +160,8 @@ def main() -> int:
                     query_vector = encoder.encode([args.query])[0]
             else:
                 # the emulator embeds with the same bundled MiniLM, so the query is encoded locally either way
-                cfg = ReindexConfig(corpus=args.corpus, corpus_uri=args.corpus_uri)
+                cfg = ReindexConfig(corpus=args.corpus, corpus_uri=args.corpus_uri,
+                                    encoder=args.encoder if args.backend == "local" else "torch")
                 query_vector = backend_for(cfg).encoder.encode([args.query])[0]
             hits = search(store, args.corpus, query_vector, k=3)
         usage = {b[0]: batch_cost(store, b[0]).get("service") or {} for b in batches} if service_stats else {}
@@ -169,6 +185,8 @@ def main() -> int:
     problems: list[str] = []
     if service_stats is not None:
         problems = _print_service(emulator, service_stats, batches, usage, status, first, retry_runs)
+    if args.encoder != "torch" and status["chunks"]["READY"]:
+        problems += _print_encoder(args.encoder, env["REINDEX_STORE_URI"], args.corpus)
     print(f"\nTop 3 for {args.query!r}:")
     for i, h in enumerate(hits, 1):
         print(f"  {i}. {h.score:.3f}  {h.doc_id}  {h.text[:100]!r}")
@@ -187,6 +205,48 @@ def main() -> int:
               f"({status['documents']['FAILED']} document(s) failed, listed above)", file=sys.stderr)
         return 1
     return 1 if problems else 0
+
+
+DEMO_TEXTS = 600  # chunks of the corpus measured by --encoder (a minute or two on 2 cores)
+
+
+def _print_encoder(encoder: str, store_uri: str, corpus: str) -> list[str]:
+    """Time ``encoder`` against plain ``SentenceTransformer.encode()`` on up to ``DEMO_TEXTS`` of the corpus's
+    chunks (in that order: the plain run warms nothing for the other) and print the speed-up and the agreement
+    with fp32 torch. Returns what is off: fp32 not within 1e-5 cosine, top-10 agreement below 0.97."""
+    from reindex.embeddings.local import LocalEncoder
+    from reindex.quality import vector_agreement
+    from reindex.store import connect
+
+    with connect(store_uri, autocommit=True) as conn:
+        texts = [r[0] for r in conn.execute("SELECT text FROM reindex.chunks WHERE corpus = %s ORDER BY id LIMIT %s",
+                                            (corpus, DEMO_TEXTS)).fetchall()]
+    plain = LocalEncoder("default").model
+    plain.encode(texts[:64], batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+    started = time.perf_counter()
+    reference = plain.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                             show_progress_bar=False)
+    plain_s = time.perf_counter() - started
+    runtime = LocalEncoder("default", encoder=encoder)
+    runtime.encode(texts[:64])
+    started = time.perf_counter()
+    vectors = runtime.encode(texts)
+    runtime_s = time.perf_counter() - started
+    a = vector_agreement(reference, vectors, k=10)
+    export = runtime.export
+    how = f"exported by this run in {export.seconds:.1f} s" if export.exported else "export reused from the cache"
+    print(f"  encoder    {encoder} ({runtime.spec.runtime} {runtime.spec.precision}, checksum {runtime.spec.checksum}; "
+          f"{how}: {export.path})")
+    print(f"    speed    {len(texts)} chunks: plain encode() {len(texts) / plain_s:.1f} texts/s, {encoder} "
+          f"{len(texts) / runtime_s:.1f} texts/s = {plain_s / runtime_s:.2f}x")
+    print(f"    quality  vs fp32 torch: top-10 agreement {a.top_k_agreement:.4f}, cosine min {a.min_cosine:.6f} "
+          f"mean {a.mean_cosine:.7f}")
+    problems = []
+    if runtime.spec.precision == "fp32" and 1 - a.min_cosine > 1e-5:
+        problems.append(f"{encoder} is fp32 but its vectors differ from torch's by {1 - a.min_cosine:.1e} cosine")
+    if a.top_k_agreement < 0.97:
+        problems.append(f"{encoder}: top-10 agreement {a.top_k_agreement:.4f} with fp32 torch is below 0.97")
+    return problems
 
 
 def _stop_emulators(emulator) -> None:
