@@ -124,8 +124,8 @@ def scan_table(r: dict) -> str:
            f"{r['bytes'] / 2**20:,.0f} MiB, {r['per_folder']:,} files a folder) → {full['chunks']:,} chunks "
            f"({r['chunks_per_document']} a document), local disk (page cache), the local backend's tokenizer:", "",
            "| run | scan s | documents/s | chunks/s | × full scan | files read | files unchanged | chunks to embed "
-           "| scan CPU s | scan peak RSS MiB | prepare s | load before |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| scan CPU s | in SQL s | scan peak RSS MiB | prepare s | load before |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in ("walk", "read", "full", "unchanged", "edited", "gcs_full", "gcs_unchanged"):
         x = runs.get(key)
         if not x:
@@ -134,7 +134,8 @@ def scan_table(r: dict) -> str:
         out.append(f"| {x['label']} | {_f(x['seconds'])} | {_f(x.get('documents_per_s'), 0)} | "
                    f"{_f(x.get('chunks_per_s'), 0)} | {ratio} | {_f(x.get('read_files'))} | "
                    f"{_f(x.get('unchanged_files'))} | {_f(x.get('pending'))} | {_f(x.get('client_cpu_s'))} | "
-                   f"{_f(x['rss_mib'], 0)} | {_f(x.get('prepare_s'))} | {_f(x['load_before'])} |")
+                   f"{_f(x.get('statements_s'))} | {_f(x['rss_mib'], 0)} | {_f(x.get('prepare_s'))} | "
+                   f"{_f(x['load_before'])} |")
     names = {"unchanged": "row 2", "edited": "row 3", "gcs_unchanged": "row 5"}
     totals = ", ".join(f"{name} {runs[k]['x_full_total']:.1%}" for k, name in names.items()
                        if runs.get(k, {}).get("x_full_total") is not None)
@@ -142,9 +143,17 @@ def scan_table(r: dict) -> str:
                  f"`prepare` task's seconds added to both sides: {totals}. \"chunks to embed\": the chunks the scan "
                  "left PENDING for the encode stage (before rows 2 and 5 every chunk got a stub vector, "
                  f"{r['fill_seconds']:,.0f} s, not timed: a nightly run follows one that embedded everything). "
-                 "The walk and read rows use no store: the floors of the unchanged and of the full scan. \"load "
+                 "The walk and read rows use no store: the floors of the unchanged and of the full scan. \"in SQL\": "
+                 "the scan's time inside statements (each `execute` round trip and `COPY` block; commits not counted) "
+                 "— what is neither that nor the scan's CPU is mostly waiting for a core (load). \"load "
                  f"before\": the 1-minute load average ({r.get('load_at_start', ['?'])[0]} when the section started, "
                  f"{r.get('load_at_end', ['?'])[0]} at its end)."]
+    for key in ("unchanged", "full"):
+        top = runs[key].get("top_statements")
+        if top:
+            where = "; ".join(f"{t['seconds']:,.2f} s in {t['calls']:,} × `{t['statement'][:60]}…`" for t in top[:5])
+            notes += ["", f"Where the {key} scan's {runs[key]['statements_s']:,.2f} s in SQL go (top 5 of "
+                          f"{runs[key]['statements']:,} statements): {where}."]
     ex = r.get("extrapolated")
     if ex:
         cells = "; ".join(f"{int(n):,} documents: full ≈ {v['full_s']:,} s, unchanged ≈ {v['unchanged_s']:,} s, "

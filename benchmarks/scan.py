@@ -6,7 +6,8 @@ dir. Each run times ``pipeline.prepare`` and then ``pipeline.chunk_corpus`` — 
 and ``chunk_corpus`` tasks — each in a process of its own (``python -m benchmarks.scan worker …``) as
 the DAG runs them, so each peak RSS is its task's own (``prepare`` of the local backend loads the
 model to know its checksum; the scan does not). The scan's figures are ``chunk_corpus``'s; the
-``prepare`` seconds are reported beside them. No encoding is measured: after each scan the corpus's
+``prepare`` seconds are reported beside them, and the scan's time inside SQL statements (each
+``execute`` round trip and ``COPY`` block, by statement: what the server's side costs). No encoding is measured: after each scan the corpus's
 lease is released (``leases.release``) so the next scan can take it.
 
 Runs, on one store schema, in order:
@@ -194,6 +195,48 @@ def _prepare(p: dict) -> dict:
     return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), "model_checksum": prepared["model_checksum"]}
 
 
+@contextlib.contextmanager
+def _statement_timer(schema: str):
+    """Time every ``Cursor.execute`` (a statement's round trip: the server's work and the wait) and every
+    ``Cursor.copy`` block (COPY to the staging tables, the rows built in between included), by statement.
+    Yields ``{statement: [calls, seconds]}``; the statement is its first 90 characters, schema left out."""
+    from psycopg import Cursor
+
+    times: dict[str, list] = {}
+    execute, copy = Cursor.execute, Cursor.copy
+    prefix = f'"{schema}".'
+
+    def name(cur, query) -> str:
+        text = query.as_string(cur) if hasattr(query, "as_string") else str(query)
+        return " ".join(text.replace(prefix, "").split())[:90]
+
+    def timed_execute(self, query, params=None, **kw):
+        t0 = time.perf_counter()
+        try:
+            return execute(self, query, params, **kw)
+        finally:
+            entry = times.setdefault(name(self, query), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def timed_copy(self, statement, params=None, **kw):
+        t0 = time.perf_counter()
+        try:
+            with copy(self, statement, params, **kw) as c:
+                yield c
+        finally:
+            entry = times.setdefault(name(self, statement), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t0
+
+    Cursor.execute, Cursor.copy = timed_execute, timed_copy
+    try:
+        yield times
+    finally:
+        Cursor.execute, Cursor.copy = execute, copy
+
+
 def _chunk(p: dict) -> dict:
     """The DAG's ``chunk_corpus`` task (the scan), then the lease given back: no encode follows."""
     import psycopg
@@ -205,14 +248,19 @@ def _chunk(p: dict) -> dict:
     cfg = _config(p["corpus"], p["corpus_uri"])
     root = _root(p["corpus_uri"])
     store = Store(psycopg.connect(p["uri"], autocommit=True), p["schema"])
-    with contextlib.closing(store.conn):
+    with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         manifest = pipeline.chunk_corpus(store, cfg, root, batch_id=p["batch_id"], model_checksum=p["model_checksum"])
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        timed = dict(statements)
         release(store, cfg.corpus, p["batch_id"])
+    top = sorted(timed.items(), key=lambda kv: -kv[1][1])[:8]
     keys = ("files", "read_files", "unchanged_files", "documents", "unchanged_documents", "failed_documents",
             "deleted_documents", "chunks", "rechunked_chunks", "pending", "reused")
-    return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), **{k: manifest.get(k) for k in keys}}
+    return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), **{k: manifest.get(k) for k in keys},
+            "statements_s": round(sum(v[1] for v in timed.values()), 2),
+            "statements": sum(v[0] for v in timed.values()),
+            "top_statements": [{"statement": k, "calls": v[0], "seconds": round(v[1], 2)} for k, v in top]}
 
 
 def _walk(p: dict, *, read: bool) -> dict:

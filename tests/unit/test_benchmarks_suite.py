@@ -12,9 +12,11 @@ def test_report_renders_the_committed_results():
 
     results = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
     text = render(results)
-    for heading in ("**Result ingest**", "**Local encoding**", "**Incremental**", "**Airflow overhead**"):
+    for heading in ("**Result ingest**", "**Local encoding**", "**Incremental**", "**Airflow overhead**",
+                    "**Corpus scan**"):
         assert heading in text
     assert "| limit |" in text and "| project (local disk), 1 task at a time |" in text
+    assert "| 2. same corpus, unchanged |" in text and "**Extrapolation**" in text
 
 
 def test_texts_are_mixed_russian_and_english():
