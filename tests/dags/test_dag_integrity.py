@@ -54,7 +54,9 @@ def test_nightly_is_scheduled_and_backfillable(dagbag):
 
 def test_model_upgrade_shape(dagbag):
     dag = dagbag.get_dag("reindex_model_upgrade")
-    assert dag.get_task("branch").downstream_task_ids == {"switch_model", "fail_upgrade"}
+    # every chunk embedded → the quality gate (pass / human approval / below the bar) before switch_model
+    assert dag.get_task("branch").downstream_task_ids == {"quality_gate", "fail_upgrade"}
+    assert dag.get_task("switch_model").upstream_task_ids == {"quality_passed", "approve_switch"}
     assert "build_index" in dag.get_task("summarize").upstream_task_ids
     assert "trigger_retry" not in {t.task_id for t in dag.tasks}  # a rerun of the upgrade resumes instead
     assert dag.params["index_type"] == "hnsw"

@@ -61,7 +61,7 @@ def test_halfvec_storage_end_to_end(corpus_dag, store_conn, encoder):
             "output_dimensionality": None, "max_tokens": 200, "overlap_tokens": 32, "partition_size": 2000,
             "encode_batch_size": 64, "index_type": "hnsw", "storage": "halfvec", "ivfflat_lists": None,
             "force": False, "on_busy": "wait", "busy_wait_seconds": 3600, "max_failed_ratio": 0.01,
-            "service_conn_id": None}
+            "service_conn_id": None, "encoder": "torch"}
     assert set(conf) == set(corpus_dag.params), "pass every param: values carry over between dag.test() runs"
     dr = corpus_dag.test(run_conf=conf)
     assert dr.state == "success", _ti_states(dr)

@@ -246,7 +246,7 @@ CORPUS_DEFAULTS: dict[str, Any] = {
     "backend": "local", "model": "", "output_dimensionality": None, "max_tokens": 200, "overlap_tokens": 32,
     "partition_size": 2000, "encode_batch_size": 64, "index_type": "hnsw", "storage": "vector",
     "ivfflat_lists": None, "force": False, "on_busy": "fail", "busy_wait_seconds": 3600, "max_failed_ratio": 0.01,
-    "service_conn_id": None,
+    "service_conn_id": None, "encoder": "torch",
 }
 
 VERTEX = {"backend": "vertex", "model": "text-embedding-005", "output_dimensionality": 768}
