@@ -144,7 +144,8 @@ def _search(args) -> int:
             raise CliError(f"corpus {args.corpus!r} is embedded by {conf['backend']} model {conf['model']}; this "
                            "command encodes queries locally or through the embedding service only")
         else:
-            encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True))
+            encoder = LocalEncoder(args.model or conf["model"], normalize=conf.get("normalize", True),
+                                   encoder=conf.get("encoder", "torch"))
             name = repr(encoder.model_name)
         checksum = encoder.spec.stored_as(conf.get("storage", Storage.VECTOR)).checksum
         if checksum != active["model_checksum"]:

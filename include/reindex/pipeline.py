@@ -73,7 +73,8 @@ def check_index_dim(cfg: ReindexConfig, spec: ModelSpec) -> None:
 def model_config(cfg: ReindexConfig) -> dict:
     """What the model registry keeps so a later run (nightly, search) can load the same model again."""
     return {"model": cfg.model, "backend": cfg.backend.value, "output_dimensionality": cfg.output_dimensionality,
-            "normalize": cfg.normalize, "storage": cfg.storage.value, "service_conn_id": cfg.service_conn_id}
+            "normalize": cfg.normalize, "storage": cfg.storage.value, "service_conn_id": cfg.service_conn_id,
+            "encoder": cfg.encoder.value}
 
 
 def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
@@ -91,7 +92,8 @@ def resolve_model(store: Store, cfg: ReindexConfig) -> ReindexConfig:
             cfg, model=conf["model"], backend=Backend(conf["backend"]),
             output_dimensionality=conf.get("output_dimensionality"), normalize=conf.get("normalize", True),
             storage=Storage(conf.get("storage", Storage.VECTOR)),
-            service_conn_id=cfg.service_conn_id or conf.get("service_conn_id"))
+            service_conn_id=cfg.service_conn_id or conf.get("service_conn_id"),
+            encoder=conf.get("encoder", "torch"))
         if (resolved.model, resolved.backend, resolved.storage) != (cfg.model, cfg.backend, cfg.storage):
             log.info("corpus %s follows its active model %s (%s, %s) rather than %s (%s, %s)", cfg.corpus,
                      resolved.model, resolved.backend.value, resolved.storage.value, cfg.model, cfg.backend.value,
