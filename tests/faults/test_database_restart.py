@@ -52,7 +52,13 @@ class Server:
     def close(self) -> None:
         if (self.server.pgdata / "postmaster.pid").exists():
             self._pg_ctl("-w", "-m", "fast", "stop")
-        self.server.cleanup()  # its handle still names the first postmaster: the data folder is removed
+        import contextlib
+
+        import psutil
+
+        # its handle still names the first postmaster (crashed, maybe reaped already): the data folder is removed
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.server.cleanup()
         shutil.rmtree(self.data, ignore_errors=True)
 
 
