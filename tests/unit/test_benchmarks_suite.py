@@ -13,10 +13,11 @@ def test_report_renders_the_committed_results():
     results = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
     text = render(results)
     for heading in ("**Result ingest**", "**Local encoding**", "**Incremental**", "**Airflow overhead**",
-                    "**Corpus scan**"):
+                    "**Corpus scan**", "**Remote embedding service**"):
         assert heading in text
     assert "| limit |" in text and "| project (local disk), 1 task at a time |" in text
     assert "| 2. same corpus, unchanged |" in text and "**Extrapolation**" in text
+    assert "| service, concurrency 6 |" in text and "| noop service, concurrency 6 (client overhead) |" in text
 
 
 def test_texts_are_mixed_russian_and_english():
