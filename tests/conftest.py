@@ -150,16 +150,20 @@ def vertex_env(emulators, monkeypatch):
 def model_768(tmp_path_factory):
     """A second real model built offline: the bundled MiniLM plus a seeded Dense layer 384 → 768
     and normalisation, saved as a sentence-transformers directory (a stand-in for a 768-d model)."""
+    return minilm_with_dense(tmp_path_factory.mktemp("models") / "minilm-dense-768", 768, seed=20261123)
+
+
+def minilm_with_dense(path, dim: int, *, seed: int):
+    """The bundled MiniLM followed by a seeded Dense layer 384 → ``dim`` and normalisation, saved at ``path``."""
     import torch
     from sentence_transformers import SentenceTransformer, models
 
     from reindex.models import offline_hub, resolve_model_path
 
     offline_hub()
-    path = tmp_path_factory.mktemp("models") / "minilm-dense-768"
     base = SentenceTransformer(str(resolve_model_path("default")), device="cpu", local_files_only=True)
-    torch.manual_seed(20261123)
-    dense = models.Dense(in_features=384, out_features=768, bias=False, activation_function=torch.nn.Identity())
+    torch.manual_seed(seed)
+    dense = models.Dense(in_features=384, out_features=dim, bias=False, activation_function=torch.nn.Identity())
     torch.nn.init.normal_(dense.linear.weight, std=384 ** -0.5)
     mods = [base[0], base[1], dense, models.Normalize()]
     SentenceTransformer(modules=mods, device="cpu").save(str(path))

@@ -21,19 +21,9 @@ CORPUS = "gate_e2e"
 @pytest.fixture(scope="module")
 def model_16(tmp_path_factory):
     """A real model that retrieves worse: the bundled MiniLM squeezed to 16 dimensions by a seeded Dense layer."""
-    import torch
-    from sentence_transformers import SentenceTransformer, models
+    from tests.conftest import minilm_with_dense
 
-    from reindex.models import offline_hub, resolve_model_path
-
-    offline_hub()
-    path = tmp_path_factory.mktemp("models") / "minilm-dense-16"
-    base = SentenceTransformer(str(resolve_model_path("default")), device="cpu", local_files_only=True)
-    torch.manual_seed(16)
-    dense = models.Dense(in_features=384, out_features=16, bias=False, activation_function=torch.nn.Identity())
-    torch.nn.init.normal_(dense.linear.weight, std=384 ** -0.5)
-    SentenceTransformer(modules=[base[0], base[1], dense, models.Normalize()], device="cpu").save(str(path))
-    return path
+    return minilm_with_dense(tmp_path_factory.mktemp("models") / "minilm-dense-16", 16, seed=16)
 
 
 @pytest.fixture(scope="module")
