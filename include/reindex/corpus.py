@@ -125,21 +125,46 @@ def source_fingerprint(path: CorpusPath) -> str | None:
     Local: ``size:mtime_ns:inode:ctime_ns`` (ctime also moves on chmod and on edits that restore the mtime).
     Object stores (fsspec info from the listing, no extra request where the listing is cached): the size
     with the object generation, md5 or crc32c (any of them changes with the content)."""
+    return source_meta(path)[0]
+
+
+def source_meta(path: CorpusPath) -> tuple[str | None, int]:
+    """``(fingerprint, size in bytes)`` of a file from its metadata (see ``source_fingerprint``); the size is 0
+    when the metadata cannot be had (the file is then read, and its own error reported there)."""
     local = _local_path(path)
     try:
         if local is not None:
             st = os.stat(local)
-            return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+            return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}", st.st_size
         fs = getattr(path, "fs", None)
         info = fs.info(path.path) if fs is not None else None
     except Exception:  # noqa: BLE001 - no fingerprint: the file is read (and its own error reported there)
-        return None
+        return None, 0
     if not isinstance(info, dict):
-        return None
+        return None, 0
+    size = int(info.get("size") or 0)
     marks = [str(info.get(k)) for k in ("generation", "md5Hash", "crc32c", "ETag", "etag") if info.get(k)]
     if not marks:
-        return None
-    return f"object:{info.get('size')}:" + ":".join(marks)
+        return None, size
+    return f"object:{info.get('size')}:" + ":".join(marks), size
+
+
+@dataclass(frozen=True, slots=True)
+class ListedFile:
+    """One entry of a corpus listing (``CorpusReader.listing``), in the scan's order.
+
+    A supported file with its metadata (``fingerprint``, ``size``), or a path that cannot be read
+    (``problem``: a file's reason, or — ``rel`` ending in ``/`` — the whole reason of a folder that cannot be
+    listed). ``part`` names one share of a large file read by a shard of its own (``split_large_file``): a
+    .jsonl byte range ``{"start", "stop", "line"}`` (the 1-based number of its first line) or .parquet row
+    groups ``{"groups": [first, stop], "row"}`` (rows before the first group)."""
+
+    rel: str
+    uri: str
+    fingerprint: str | None = None
+    size: int = 0
+    problem: str | None = None
+    part: dict | None = None
 
 
 def _suffix(name: str) -> str:
@@ -404,7 +429,8 @@ class CorpusReader:
         # change detection: files opened and read, files left unread because their documents are current
         self.reads: dict[str, int] = {"read_files": 0, "unchanged_files": 0}
 
-    def __iter__(self) -> Iterator[Document | FailedDocument | SourceFile]:
+    def _files(self) -> Iterator[_FileEntry | FailedDocument]:
+        """The supported files of the corpus in scan order (and the folders that cannot be listed)."""
         root = self.root
         where = f"corpus {root}"
         if _local_path(root) is None:
@@ -412,11 +438,11 @@ class CorpusReader:
             invalidate = getattr(getattr(root, "fs", None), "invalidate_cache", None)
             if invalidate is not None:
                 invalidate()
-        if _root_is_dir(root, where):
+        self._root_dir = _root_is_dir(root, where)
+        if self._root_dir:
             files: Iterator[_FileEntry | FailedDocument] = iter(_Walker(root, self.stats, where))
         else:
             files = iter([(root, root.name, None)])
-        block: list[_FileEntry | FailedDocument] = []
         for item in files:
             if not isinstance(item, FailedDocument):
                 suffix = _suffix(item[0].name)
@@ -425,13 +451,61 @@ class CorpusReader:
                     log.info("skipping %s: unsupported type (supported: %s)", item[0], ", ".join(SUPPORTED_SUFFIXES))
                     continue
                 self.stats["files"] += 1
+            yield item
+        if self.stats["skipped_links"] > _LOGGED_LINKS:
+            log.warning("%s: %d symlinks to outside the corpus root skipped", where, self.stats["skipped_links"])
+
+    def __iter__(self) -> Iterator[Document | FailedDocument | SourceFile]:
+        block: list[_FileEntry | FailedDocument] = []
+        for item in self._files():
             block.append(item)
             if len(block) >= self.block_files:
                 yield from self._block(block)
                 block = []
         yield from self._block(block)
-        if self.stats["skipped_links"] > _LOGGED_LINKS:
-            log.warning("%s: %d symlinks to outside the corpus root skipped", where, self.stats["skipped_links"])
+
+    def listing(self) -> Iterator[ListedFile]:
+        """The corpus's files in scan order with their metadata, nothing opened: what a sharded scan plans from.
+
+        A folder that cannot be listed is an entry whose ``rel`` ends in ``/`` (``problem`` is its reason); a
+        file that cannot be reached (a looping or dangling link) carries its ``problem``."""
+        for item in self._files():
+            if isinstance(item, FailedDocument):
+                yield ListedFile(item.doc_id, item.source_uri, problem=item.reason)
+                continue
+            path, rel, problem = item
+            if problem is not None:
+                yield ListedFile(rel, str(path), problem=problem)
+                continue
+            fingerprint, size = source_meta(path)
+            yield ListedFile(rel, str(path), fingerprint, size)
+
+    def path_of(self, entry: ListedFile) -> CorpusPath:
+        """The path of a listed file: the root itself for a one-file corpus, else the root joined with ``rel``."""
+        if getattr(self, "_root_dir", None) is None:
+            self._root_dir = _root_is_dir(self.root, f"corpus {self.root}")
+        return self.root / entry.rel if self._root_dir else self.root
+
+    def read_listed(self, entry: ListedFile) -> Iterator[Document | FailedDocument]:
+        """The documents of one listing entry (or of its ``part``), each unreadable piece a ``FailedDocument``."""
+        if entry.rel.endswith("/"):  # a folder that could not be listed
+            yield FailedDocument(entry.rel, entry.uri, UNREADABLE_CODE, entry.problem or f"{entry.rel}: not readable")
+            return
+        if entry.problem is not None:
+            yield FailedDocument(entry.rel, entry.uri, UNREADABLE_CODE, f"{entry.rel}: {entry.problem}")
+            return
+        self.reads["read_files"] += 1
+        yield from self._read_file(self.path_of(entry), entry.rel, entry.part)
+
+    def _read_file(self, path: CorpusPath, rel: str, part: dict | None = None
+                   ) -> Iterator[Document | FailedDocument]:
+        suffix = _suffix(path.name)
+        if suffix in TEXT_SUFFIXES:
+            yield self._read_text_file(path, rel, suffix)
+        elif suffix == ".jsonl":
+            yield from self._read_jsonl(path, rel, part)
+        else:
+            yield from self._read_parquet(path, rel, part)
 
     def _block(self, block: list[_FileEntry | FailedDocument]) -> Iterator[Document | FailedDocument | SourceFile]:
         """Read a block of listed files, skipping those the ``unchanged`` callback names."""
@@ -460,15 +534,8 @@ class CorpusReader:
                 yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: {problem}")
                 continue
             self.reads["read_files"] += 1
-            suffix = _suffix(path.name)
             readable = True
-            if suffix in TEXT_SUFFIXES:
-                docs: Iterator[Document | FailedDocument] = iter([self._read_text_file(path, rel, suffix)])
-            elif suffix == ".jsonl":
-                docs = self._read_jsonl(path, rel)
-            else:
-                docs = self._read_parquet(path, rel)
-            for doc in docs:
+            for doc in self._read_file(path, rel):
                 # a file that could not be read (wholly or partly) is read again next time, whatever its metadata
                 readable = readable and not (isinstance(doc, FailedDocument) and doc.error_code == UNREADABLE_CODE)
                 yield doc
@@ -495,27 +562,38 @@ class CorpusReader:
             return FailedDocument(doc_id, uri, ErrorCode.DECODE_ERROR, e.reason)
         return Document(doc_id, sanitize_text(text), uri, {"format": suffix[1:]})
 
-    def _read_jsonl(self, path: CorpusPath, rel: str) -> Iterator[Document | FailedDocument]:
+    def _read_jsonl(self, path: CorpusPath, rel: str, part: dict | None = None
+                    ) -> Iterator[Document | FailedDocument]:
         uri = str(path)
+        # a part (byte range starting at a line start) fails under its own id: the file's other parts stand
+        fail_id = rel if part is None else f"{rel}:bytes-{part['start']}-{part['stop']}"
+        start, stop = (0, None) if part is None else (part["start"], part["stop"])
         try:
             f = path.open("rb")
+            if start:
+                f.seek(start)
         except Exception as e:
-            yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
+            yield FailedDocument(fail_id, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
             return
         with f:
             lines = iter(f)
-            lineno = 0
+            lineno = 0 if part is None else part["line"] - 1
+            pos = start
             while True:
+                if stop is not None and pos >= stop:
+                    return
                 # only the read is guarded: an exception thrown into a yield must not become a failure
                 try:
                     raw = next(lines)
                 except StopIteration:
                     return
                 except Exception as e:
-                    yield FailedDocument(rel, uri, UNREADABLE_CODE,
-                                         f"{rel}: read failed after line {lineno}, the rest of the file is not "
+                    rest = "the rest of the file" if stop is None else f"the rest of bytes {start}-{stop}"
+                    yield FailedDocument(fail_id, uri, UNREADABLE_CODE,
+                                         f"{rel}: read failed after line {lineno}, {rest} is not "
                                          f"indexed: {_error_text(e)}")
                     return
+                pos += len(raw)
                 lineno += 1
                 if not raw.strip():
                     continue
@@ -534,14 +612,19 @@ class CorpusReader:
                     continue
                 yield self._from_record(obj, f"{rel}:{lineno}", where, uri)
 
-    def _read_parquet(self, path: CorpusPath, rel: str) -> Iterator[Document | FailedDocument]:
+    def _read_parquet(self, path: CorpusPath, rel: str, part: dict | None = None
+                      ) -> Iterator[Document | FailedDocument]:
         import pyarrow.parquet as pq
 
         uri = str(path)
+        lo, hi = (0, None) if part is None else part["groups"]
+        # a later part fails under its own id (the file's other parts stand); what is wrong with the whole file
+        # (not parquet, no id/text column) is reported once, by the part that starts the file
+        fail_id = rel if not lo else f"{rel}:row-groups-{lo + 1}-{hi}"
         try:
             f = path.open("rb")
         except Exception as e:
-            yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
+            yield FailedDocument(fail_id, uri, UNREADABLE_CODE, f"{rel}: not readable: {_error_text(e)}")
             return
         with f:
             try:
@@ -551,17 +634,20 @@ class CorpusReader:
             except MemoryError:
                 raise
             except Exception as e:
-                yield FailedDocument(rel, uri, UNREADABLE_CODE, f"{rel}: not a readable parquet file ({_error_text(e)})")
+                yield FailedDocument(fail_id, uri, UNREADABLE_CODE,
+                                     f"{rel}: not a readable parquet file ({_error_text(e)})")
                 return
             missing = {"id", "text"} - set(names)
             if missing:
-                yield FailedDocument(
-                    rel, uri, ErrorCode.BAD_DOCUMENT,
-                    f"{rel}: parquet file lacks column(s) {sorted(missing)} (needs 'id' and 'text')",
-                )
+                if not lo:
+                    yield FailedDocument(
+                        rel, uri, ErrorCode.BAD_DOCUMENT,
+                        f"{rel}: parquet file lacks column(s) {sorted(missing)} (needs 'id' and 'text')",
+                    )
                 return
-            first = 0  # rows before this row group: fallback ids stay stable when a group fails
-            for group, size in enumerate(groups):
+            first = sum(groups[:lo])  # rows before this row group: fallback ids stay stable when a group fails
+            for group in range(lo, len(groups) if hi is None else hi):
+                size = groups[group]
                 batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group])
                 row = first
                 while True:
@@ -611,3 +697,67 @@ class CorpusReader:
 
 def _jsonable(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool | list | dict)
+
+
+SPLIT_READ_BYTES = 8 << 20  # what finding a large .jsonl file's line boundaries reads at a time
+
+
+def split_large_file(path: CorpusPath, rel: str, size: int, part_bytes: int) -> list[dict] | None:
+    """The parts of a .jsonl or .parquet file larger than ``part_bytes`` (see ``ListedFile.part``), or None when it
+    stays whole (small, another type, one row group, or it cannot be read here — its reader reports that).
+
+    .jsonl: byte ranges of about ``part_bytes`` that start at line starts, found in one streaming pass that
+    counts lines (each part knows the number of its first line, so ids of lines without one stay those of a
+    whole-file read). .parquet: runs of row groups of about ``part_bytes`` (uncompressed), from the footer only."""
+    suffix = _suffix(rel.rsplit("/", 1)[-1])
+    if size <= part_bytes or suffix not in (".jsonl", ".parquet"):
+        return None
+    try:
+        parts = _split_jsonl(path, part_bytes) if suffix == ".jsonl" else _split_parquet(path, part_bytes)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - read whole; the reader reports the file's own error
+        log.warning("%s: not split (%s); read as one part", rel, _error_text(e))
+        return None
+    return parts if len(parts) > 1 else None
+
+
+def _split_jsonl(path: CorpusPath, part_bytes: int) -> list[dict]:
+    parts: list[dict] = []
+    start, first_line = 0, 1  # the current part: its first byte and the number of its first line
+    pos, lines = 0, 0  # bytes and newlines before the current block
+    with path.open("rb") as f:
+        while block := f.read(SPLIT_READ_BYTES):
+            at = 0
+            # cut at the first line start at or after start + part_bytes, as often as this block allows
+            while (target := start + part_bytes) < pos + len(block):
+                nl = block.find(b"\n", max(at, target - pos))
+                if nl < 0:
+                    break
+                cut = pos + nl + 1
+                line = lines + block.count(b"\n", 0, nl + 1) + 1
+                parts.append({"start": start, "stop": cut, "line": first_line})
+                start, first_line, at = cut, line, nl + 1
+            lines += block.count(b"\n")
+            pos += len(block)
+    if pos > start:
+        parts.append({"start": start, "stop": pos, "line": first_line})
+    return parts
+
+
+def _split_parquet(path: CorpusPath, part_bytes: int) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    with path.open("rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        groups = [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+    parts: list[dict] = []
+    lo, rows, acc = 0, 0, 0
+    for i, (_rows, nbytes) in enumerate(groups):
+        acc += nbytes
+        if acc >= part_bytes and i + 1 < len(groups):
+            parts.append({"groups": [lo, i + 1], "row": rows})
+            rows += sum(g[0] for g in groups[lo:i + 1])
+            lo, acc = i + 1, 0
+    parts.append({"groups": [lo, len(groups)], "row": rows})
+    return parts

@@ -171,15 +171,78 @@ def chunk_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id
     return manifest
 
 
+class DocumentStager:
+    """Stages what a corpus reader yields into a ``CorpusWriter``: a document whose content hash and chunking
+    are as stored is staged unchanged (not chunked again), any other is chunked; a repeated document id keeps
+    its first occurrence; documents are looked up in blocks. ``pos`` orders documents across shards."""
+
+    def __init__(self, writer: CorpusWriter, chunker: TokenChunker, signature: str, *, force: bool,
+                 block_docs: int = 500, block_bytes: int = 32 << 20) -> None:
+        self.writer, self.chunker, self.signature, self.force = writer, chunker, signature, force
+        self.block_docs, self.block_bytes = block_docs, block_bytes
+        self.seen: set[str] = set()
+        self.items = 0  # documents and failures met, repeats included
+        self.duplicates = 0
+        self.failures: list[dict] = []
+        self._block: list[tuple[Document, int | None]] = []
+        self._block_size = 0
+
+    def add(self, item: Document | FailedDocument | SourceFile, pos: int | None = None) -> None:
+        writer = self.writer
+        if isinstance(item, SourceFile):
+            writer.add_source_file(item)
+            return
+        self.items += 1
+        if item.doc_id in self.seen:
+            self.duplicates += 1
+            log.warning("document id %r appears again in %s; the first occurrence is kept", item.doc_id,
+                        item.source_uri)
+            return
+        self.seen.add(item.doc_id)
+        if isinstance(item, FailedDocument):
+            writer.add_failed(item, pos)
+            if len(self.failures) < 20:
+                self.failures.append({"doc_id": item.doc_id, "error_code": str(item.error_code),
+                                      "reason": item.reason})
+            log.warning("document %s failed: %s", item.doc_id, item.reason)
+            return
+        self._block.append((item, pos))
+        self._block_size += len(item.text)
+        if len(self._block) >= self.block_docs or self._block_size >= self.block_bytes:
+            self.flush()
+        if len(self.seen) % 10_000 == 0:
+            log.info("read %d documents: %d chunks so far, %d unchanged", len(self.seen), writer.counts["chunks"],
+                     writer.counts["unchanged_documents"])
+
+    def flush(self) -> None:
+        writer, signature = self.writer, self.signature
+        stored = {} if self.force else writer.stored([d.doc_id for d, _ in self._block])
+        for doc, pos in self._block:
+            sha = hashlib.sha256(doc.text.encode()).hexdigest()
+            if stored.get(doc.doc_id) == (sha, signature, "OK"):
+                writer.add_unchanged(doc, sha, signature, pos)
+                continue
+            chunks = list(self.chunker.chunk(doc.doc_id, doc.text))
+            if not chunks:
+                writer.add_failed(FailedDocument(doc.doc_id, doc.source_uri, ErrorCode.BAD_DOCUMENT,
+                                                 f"{doc.doc_id}: no text to index"), pos)
+                continue
+            writer.add_document(doc, sha, chunks, signature, pos)
+        self._block.clear()
+        self._block_size = 0
+
+
+def chunking_for(cfg: ReindexConfig) -> tuple[TokenChunker, str]:
+    """The run's chunker (the model's own tokenizer) and its chunking signature."""
+    backend = backend_for(cfg)
+    chunker = TokenChunker(load_tokenizer(backend.tokenizer_path()), cfg.max_tokens, cfg.overlap_tokens)
+    return chunker, chunking_signature(backend.tokenizer_path(), cfg.max_tokens, cfg.overlap_tokens)
+
+
 def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, model_checksum: str,
                      dag_run_id: str | None, dag_id: str | None, block_docs: int, block_bytes: int) -> dict:
     backend = backend_for(cfg)
-    chunker = TokenChunker(load_tokenizer(backend.tokenizer_path()), cfg.max_tokens, cfg.overlap_tokens)
-    signature = chunking_signature(backend.tokenizer_path(), cfg.max_tokens, cfg.overlap_tokens)
-    seen: set[str] = set()
-    duplicates = 0
-    failures: list[dict] = []
-    block: list[Document] = []
+    chunker, signature = chunking_for(cfg)
     with store.conn.transaction():
         emb = get_embedding_store(store, cfg.corpus, model_checksum)
         batches_store.create_batch(store, batch_id, cfg.corpus, backend.name, model_checksum, dag_run_id=dag_run_id,
@@ -191,50 +254,12 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
         reader = CorpusReader(root, max_document_bytes=cfg.max_document_bytes,
                               unchanged=(lambda files: set()) if cfg.force else
                               (lambda files: writer.unchanged_files(files, signature)))
-
-        def flush_block() -> None:
-            stored = {} if cfg.force else writer.stored([d.doc_id for d in block])
-            for doc in block:
-                sha = hashlib.sha256(doc.text.encode()).hexdigest()
-                if stored.get(doc.doc_id) == (sha, signature, "OK"):
-                    writer.add_unchanged(doc, sha, signature)
-                    continue
-                chunks = list(chunker.chunk(doc.doc_id, doc.text))
-                if not chunks:
-                    writer.add_failed(FailedDocument(doc.doc_id, doc.source_uri, ErrorCode.BAD_DOCUMENT,
-                                                     f"{doc.doc_id}: no text to index"))
-                    continue
-                writer.add_document(doc, sha, chunks, signature)
-            block.clear()
-
-        block_size = 0
+        stager = DocumentStager(writer, chunker, signature, force=cfg.force, block_docs=block_docs,
+                                block_bytes=block_bytes)
         for item in reader:
-            if isinstance(item, SourceFile):
-                writer.add_source_file(item)
-                continue
-            if item.doc_id in seen:
-                duplicates += 1
-                log.warning("document id %r appears again in %s; the first occurrence is kept",
-                            item.doc_id, item.source_uri)
-                continue
-            seen.add(item.doc_id)
-            if isinstance(item, FailedDocument):
-                writer.add_failed(item)
-                if len(failures) < 20:
-                    failures.append({"doc_id": item.doc_id, "error_code": str(item.error_code), "reason": item.reason})
-                log.warning("document %s failed: %s", item.doc_id, item.reason)
-                continue
-            assert isinstance(item, Document)
-            block.append(item)
-            block_size += len(item.text)
-            if len(block) >= block_docs or block_size >= block_bytes:
-                flush_block()
-                block_size = 0
-            if len(seen) % 10_000 == 0:
-                log.info("read %d documents: %d chunks so far, %d unchanged", len(seen), writer.counts["chunks"],
-                         writer.counts["unchanged_documents"])
-        flush_block()
-        if not seen and not reader.reads["unchanged_files"]:
+            stager.add(item)
+        stager.flush()
+        if not stager.seen and not reader.reads["unchanged_files"]:
             raise EmptyCorpusError(
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no .txt, .md, .jsonl or .parquet document "
                 f"found ({reader.stats['skipped_files']} file(s) of other types skipped)"
@@ -257,8 +282,8 @@ def _chunk_and_claim(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_i
         "documents": merged.documents,
         "unchanged_documents": merged.unchanged_documents,
         "failed_documents": merged.failed_documents,
-        "duplicate_documents": duplicates,
-        "document_failures": failures,
+        "duplicate_documents": stager.duplicates,
+        "document_failures": stager.failures,
         "chunks": total_chunks,
         "rechunked_chunks": merged.chunks,
         "changed_chunks": merged.changed_chunks,

@@ -181,3 +181,23 @@ def celery_broker() -> str | None:
     (default unset: Celery's SQLAlchemy transport on Airflow's own metadata database, ``sqla+postgresql…`` — no
     extra service). An explicit ``AIRFLOW__CELERY__BROKER_URL`` wins over both."""
     return _name("REINDEX_CELERY_BROKER")
+
+
+def scan_concurrency() -> int:
+    """``REINDEX_SCAN_CONCURRENCY``: how many ``scan_shard`` instances (mapped scan tasks) of one run may run at
+    once (``max_active_tis_per_dagrun``; default 4). Each reads, sanitizes and chunks its shard on one core."""
+    return _count("REINDEX_SCAN_CONCURRENCY", 4)
+
+
+def scan_shard_bytes() -> int:
+    """``REINDEX_SCAN_SHARD_BYTES``: about how many bytes of source one scan shard reads (default 64 MiB); a
+    .jsonl or .parquet file larger than this is split into parts of about this size (byte ranges at line
+    starts, runs of row groups). Grown as needed so a scan has at most ``MAX_SCAN_SHARDS`` shards. Read by the
+    listing task when it runs (not at parse time)."""
+    return _count("REINDEX_SCAN_SHARD_BYTES", 64 << 20)
+
+
+def scan_shard_files() -> int:
+    """``REINDEX_SCAN_SHARD_FILES``: at most this many files in one scan shard (default 20,000): many small
+    files cost per-file work (open, fingerprint) that bytes do not show. Grown like the bytes."""
+    return _count("REINDEX_SCAN_SHARD_FILES", 20_000)

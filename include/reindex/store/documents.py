@@ -64,7 +64,7 @@ class CorpusWriter:
         self.store.execute("""CREATE TEMP TABLE stage_docs (
             doc_id text, source_uri text, content_sha256 text, metadata jsonb, status text,
             error_code text, error_message text, chunk_count integer, chunking text,
-            unchanged boolean) ON COMMIT DROP""")
+            unchanged boolean, pos bigint) ON COMMIT DROP""")
         self.store.execute("""CREATE TEMP TABLE stage_chunks (
             chunk_id text, doc_id text, ordinal integer, text text, content_sha256 text,
             token_count integer) ON COMMIT DROP""")
@@ -72,17 +72,8 @@ class CorpusWriter:
             source_uri text, fingerprint text, unchanged boolean) ON COMMIT DROP""")
 
     def unchanged_files(self, files: list[SourceFile], chunking: str) -> set[str]:
-        """Of ``files`` (listed, with fingerprints), the URIs whose stored documents are current: same
-        fingerprint and chunking as when last read, at least one document, none of them FAILED."""
-        rows = self.store.execute(sql.SQL("""SELECT l.uri FROM unnest(%s::text[], %s::text[]) AS l(uri, fp)
-            JOIN {files} f ON f.corpus = %s AND f.source_uri = l.uri AND f.fingerprint = l.fp AND f.chunking = %s
-            WHERE EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri)
-              AND NOT EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri
-                              AND d.status <> 'OK')""").format(
-            files=self.store.t("corpus_files"), documents=self.store.t("documents")),
-            ([f.uri for f in files], [f.fingerprint for f in files], self.corpus, chunking, self.corpus,
-             self.corpus)).fetchall()
-        return {r[0] for r in rows}
+        """See ``unchanged_files``."""
+        return unchanged_files(self.store, self.corpus, [(f.uri, f.fingerprint) for f in files], chunking)
 
     def add_source_file(self, f: SourceFile) -> None:
         """A listed file: left unread (its documents stand as stored) or just read (remember its fingerprint)."""
@@ -99,9 +90,10 @@ class CorpusWriter:
             (self.corpus, doc_ids)).fetchall()
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    def add_document(self, doc: Document, doc_sha256: str, chunks: list[Chunk], chunking: str | None = None) -> None:
+    def add_document(self, doc: Document, doc_sha256: str, chunks: list[Chunk], chunking: str | None = None,
+                     pos: int | None = None) -> None:
         self._docs.append((doc.doc_id, doc.source_uri, doc_sha256, orjson.dumps(doc.metadata).decode(),
-                           "OK", None, None, len(chunks), chunking, False))
+                           "OK", None, None, len(chunks), chunking, False, pos))
         self._chunks.extend((c.chunk_id, c.doc_id, c.ordinal, c.text, c.content_sha256, c.token_count)
                             for c in chunks)
         self.counts["documents"] += 1
@@ -109,18 +101,18 @@ class CorpusWriter:
         if len(self._chunks) >= self.block_rows or len(self._docs) >= self.block_rows:
             self.flush()
 
-    def add_unchanged(self, doc: Document, doc_sha256: str, chunking: str) -> None:
+    def add_unchanged(self, doc: Document, doc_sha256: str, chunking: str, pos: int | None = None) -> None:
         """A document the store already holds with this content and chunking: keep its rows as they are."""
         self._docs.append((doc.doc_id, doc.source_uri, doc_sha256, orjson.dumps(doc.metadata).decode(),
-                           "OK", None, None, 0, chunking, True))
+                           "OK", None, None, 0, chunking, True, pos))
         self.counts["documents"] += 1
         self.counts["unchanged_documents"] += 1
         if len(self._docs) >= self.block_rows:
             self.flush()
 
-    def add_failed(self, doc: FailedDocument) -> None:
+    def add_failed(self, doc: FailedDocument, pos: int | None = None) -> None:
         self._docs.append((doc.doc_id, doc.source_uri, None, "{}", "FAILED", str(doc.error_code), doc.reason, 0,
-                           None, False))
+                           None, False, pos))
         self.counts["failed_documents"] += 1
 
     def flush(self) -> None:
@@ -195,38 +187,14 @@ class CorpusWriter:
                 AND NOT EXISTS (SELECT 1 FROM stage_docs s WHERE s.doc_id = d.doc_id)
                 AND NOT EXISTS (SELECT 1 FROM unseen_kept k WHERE k.doc_id = d.doc_id)""").format(
                 documents=t("documents")), (corpus,)).rowcount
-        s.execute(
-            sql.SQL("""INSERT INTO {documents} AS d (corpus, doc_id, source_uri, content_sha256, metadata,
-                    status, error_code, error_message, chunk_count, chunking, last_batch_id)
-                SELECT %s, doc_id, source_uri, content_sha256, metadata, status, error_code, error_message,
-                    chunk_count, chunking, %s FROM stage_docs WHERE NOT unchanged
-                ON CONFLICT (corpus, doc_id) DO UPDATE SET
-                    source_uri = EXCLUDED.source_uri, content_sha256 = EXCLUDED.content_sha256,
-                    metadata = EXCLUDED.metadata, status = EXCLUDED.status,
-                    error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
-                    chunk_count = EXCLUDED.chunk_count, chunking = EXCLUDED.chunking,
-                    last_batch_id = EXCLUDED.last_batch_id, updated_at = now()""").format(documents=t("documents")),
-            (corpus, batch))
+        upsert_staged_documents(s, corpus, batch)
         # Chunks of re-chunked (changed or failed) documents that the new chunking no longer has.
         deleted_chunks = s.execute(
             sql.SQL("""DELETE FROM {chunks} c USING stage_docs d WHERE c.corpus = %s
                 AND c.doc_id = d.doc_id AND NOT d.unchanged
                 AND NOT EXISTS (SELECT 1 FROM stage_chunks s WHERE s.chunk_id = c.chunk_id)""").format(
                 chunks=t("chunks")), (corpus,)).rowcount
-        changed = s.execute(
-            sql.SQL("""INSERT INTO {chunks} AS c (corpus, chunk_id, doc_id, ordinal, text, content_sha256,
-                    token_count, embedding_status, batch_id)
-                SELECT %s, chunk_id, doc_id, ordinal, text, content_sha256, token_count, 'PENDING', %s
-                FROM stage_chunks
-                ON CONFLICT (corpus, chunk_id) DO UPDATE SET
-                    doc_id = EXCLUDED.doc_id, ordinal = EXCLUDED.ordinal, text = EXCLUDED.text,
-                    content_sha256 = EXCLUDED.content_sha256, token_count = EXCLUDED.token_count,
-                    embedding_status = 'PENDING', retry_count = 0, error_code = NULL,
-                    error_message = NULL, batch_id = EXCLUDED.batch_id, updated_at = now()
-                WHERE c.content_sha256 IS DISTINCT FROM EXCLUDED.content_sha256
-                   OR c.ordinal IS DISTINCT FROM EXCLUDED.ordinal
-                   OR c.doc_id IS DISTINCT FROM EXCLUDED.doc_id""").format(chunks=t("chunks")),
-            (corpus, batch)).rowcount
+        changed = upsert_staged_chunks(s, corpus, batch)
         return MergeResult(
             documents=self.counts["documents"],
             failed_documents=self.counts["failed_documents"],
@@ -236,3 +204,51 @@ class CorpusWriter:
             deleted_chunks=deleted_chunks + gone_chunks,
             unchanged_documents=self.counts["unchanged_documents"],
         )
+
+
+def unchanged_files(store: Store, corpus: str, files: list[tuple[str, str]], chunking: str) -> set[str]:
+    """Of ``files`` (``(uri, fingerprint)`` as listed), the URIs whose stored documents are current: same
+    fingerprint and chunking as when last read, at least one document, none of them FAILED."""
+    rows = store.execute(sql.SQL("""SELECT l.uri FROM unnest(%s::text[], %s::text[]) AS l(uri, fp)
+        JOIN {files} f ON f.corpus = %s AND f.source_uri = l.uri AND f.fingerprint = l.fp AND f.chunking = %s
+        WHERE EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri)
+          AND NOT EXISTS (SELECT 1 FROM {documents} d WHERE d.corpus = %s AND d.source_uri = l.uri
+                          AND d.status <> 'OK')""").format(
+        files=store.t("corpus_files"), documents=store.t("documents")),
+        ([u for u, _ in files], [fp for _, fp in files], corpus, chunking, corpus, corpus)).fetchall()
+    return {r[0] for r in rows}
+
+
+def upsert_staged_documents(s: Store, corpus: str, batch: str) -> None:
+    """Write the staged documents that are not unchanged (new, changed, failed) into ``documents``."""
+    s.execute(
+        sql.SQL("""INSERT INTO {documents} AS d (corpus, doc_id, source_uri, content_sha256, metadata,
+                status, error_code, error_message, chunk_count, chunking, last_batch_id)
+            SELECT %s, doc_id, source_uri, content_sha256, metadata, status, error_code, error_message,
+                chunk_count, chunking, %s FROM stage_docs WHERE NOT unchanged
+            ON CONFLICT (corpus, doc_id) DO UPDATE SET
+                source_uri = EXCLUDED.source_uri, content_sha256 = EXCLUDED.content_sha256,
+                metadata = EXCLUDED.metadata, status = EXCLUDED.status,
+                error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+                chunk_count = EXCLUDED.chunk_count, chunking = EXCLUDED.chunking,
+                last_batch_id = EXCLUDED.last_batch_id, updated_at = now()""").format(documents=s.t("documents")),
+        (corpus, batch))
+
+
+def upsert_staged_chunks(s: Store, corpus: str, batch: str) -> int:
+    """Upsert the staged chunks: a new chunk, or one whose text, ordinal or document changed, becomes PENDING for
+    ``batch``; an unchanged one is not rewritten. Returns how many were written."""
+    return s.execute(
+        sql.SQL("""INSERT INTO {chunks} AS c (corpus, chunk_id, doc_id, ordinal, text, content_sha256,
+                token_count, embedding_status, batch_id)
+            SELECT %s, chunk_id, doc_id, ordinal, text, content_sha256, token_count, 'PENDING', %s
+            FROM stage_chunks
+            ON CONFLICT (corpus, chunk_id) DO UPDATE SET
+                doc_id = EXCLUDED.doc_id, ordinal = EXCLUDED.ordinal, text = EXCLUDED.text,
+                content_sha256 = EXCLUDED.content_sha256, token_count = EXCLUDED.token_count,
+                embedding_status = 'PENDING', retry_count = 0, error_code = NULL,
+                error_message = NULL, batch_id = EXCLUDED.batch_id, updated_at = now()
+            WHERE c.content_sha256 IS DISTINCT FROM EXCLUDED.content_sha256
+               OR c.ordinal IS DISTINCT FROM EXCLUDED.ordinal
+               OR c.doc_id IS DISTINCT FROM EXCLUDED.doc_id""").format(chunks=s.t("chunks")),
+        (corpus, batch)).rowcount

@@ -192,6 +192,45 @@ def _v6(store: Store) -> None:
         t("documents")))
 
 
+def _v7(store: Store) -> None:
+    """The sharded scan: a batch's listing (``scan_files``, one row per file or part of a large file, in scan
+    order, with the shard that reads it), its shards (``scan_shards``: state and counts of each), and which
+    shard owns each document it met (``scan_seen``: the first occurrence in scan order wins). Listing and
+    ownership rows live only while the scan runs; the shards' rows stay with the batch."""
+    t = store.t
+    store.execute(sql.SQL("""CREATE TABLE {shards} (
+            batch_id text NOT NULL REFERENCES {batches} ON DELETE CASCADE,
+            shard integer NOT NULL,
+            entries integer NOT NULL,
+            bytes bigint NOT NULL,
+            status text NOT NULL DEFAULT 'PLANNED' CHECK (status IN ('PLANNED', 'DONE')),
+            counts jsonb NOT NULL DEFAULT '{{}}',
+            attempts integer NOT NULL DEFAULT 0,
+            finished_at timestamptz,
+            PRIMARY KEY (batch_id, shard))""").format(shards=t("scan_shards"), batches=t("batches")))
+    store.execute(sql.SQL("""CREATE TABLE {files} (
+            batch_id text NOT NULL,
+            position integer NOT NULL,
+            rel text NOT NULL,
+            source_uri text NOT NULL,
+            fingerprint text,
+            size bigint NOT NULL DEFAULT 0,
+            problem text,
+            part jsonb,
+            unchanged boolean NOT NULL DEFAULT false,
+            shard integer,
+            read_ok boolean,
+            PRIMARY KEY (batch_id, position))""").format(files=t("scan_files")))
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS scan_files_shard_idx ON {} (batch_id, shard)").format(
+        t("scan_files")))
+    store.execute(sql.SQL("""CREATE TABLE {seen} (
+            batch_id text NOT NULL,
+            doc_id text NOT NULL,
+            pos bigint NOT NULL,
+            unchanged boolean NOT NULL,
+            PRIMARY KEY (batch_id, doc_id))""").format(seen=t("scan_seen")))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
@@ -199,6 +238,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (4, "storage (vector | halfvec) of each embedding store", _v4),
     (5, "lease liveness (holder DAG), batch DAG, ABANDONED batches", _v5),
     (6, "source fingerprints of corpus files (change detection before reading)", _v6),
+    (7, "sharded scan: listing, shards and document ownership of a batch's scan", _v7),
 ]
 
 
