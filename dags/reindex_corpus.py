@@ -8,7 +8,9 @@ into the corpus's vector table, build the cosine index, and close the batch as
 | task | what it does |
 |---|---|
 | `prepare` | validates Params (and their combinations), the backend's settings and the corpus (exists, readable, not empty) before any write; migrates the store schema, registers the model and its vector table. A refusal fails this task alone, with its message |
-| `chunk_corpus` | takes the corpus's lease (waits or fails if another run writes it), streams the corpus (.txt/.md/.jsonl/.parquet), sanitizes, chunks new and changed documents only, merges documents and chunks (deleted documents lose theirs); a chunk whose text already has a vector is reused, only the rest are claimed |
+| `list_corpus` | takes the corpus's lease (waits or fails if another run writes it), lists the corpus (.txt/.md/.jsonl/.parquet) with each file's size and fingerprint — a file unchanged since it was last read is not opened — and splits the files to read (large .jsonl/.parquet by byte range or row groups) into ≤ 256 shards |
+| `scan_shard` | mapped, one per shard: reads, sanitizes and chunks its files (new and changed documents only) and merges its documents and chunks in its own transaction |
+| `finish_scan` | after every shard: deletes documents gone from the corpus and chunks re-chunked documents no longer have; a chunk whose text already has a vector reuses it, only the rest are claimed |
 | `plan_partitions` | splits the claimed chunks into id ranges (≤ 256 mapped tasks) |
 | `encode_partition` | mapped: encodes a range and loads its vectors; failures are recorded per chunk |
 | `build_index` | HNSW (or IVFFlat) cosine index after the load, then ANALYZE |
@@ -27,7 +29,7 @@ from airflow.sdk import dag, task
 
 from reindex_airflow import tasks as t
 from reindex_airflow.params import corpus_params
-from reindex_airflow.wiring import embed_and_close
+from reindex_airflow.wiring import embed_and_close, scan_corpus
 
 
 @dag(
@@ -42,8 +44,7 @@ from reindex_airflow.wiring import embed_and_close
 )
 def reindex_corpus():
     prepared = task(t.prepare)()
-    manifest = task(t.chunk_corpus)(prepared)
-    embed_and_close(manifest)
+    embed_and_close(scan_corpus(prepared))
 
 
 reindex_corpus()

@@ -140,7 +140,7 @@ def _explain(store, corpus: str, run_id: str, o: ChildOutcome, row: dict | None)
         since = f" since it started at {o.run_started.isoformat()}" if o.run_started else " (it never started)"
         stale = (f"; the batch {older['batch_id']} ({older['status']}) of that run id started at "
                  f"{older['started_at'].isoformat()}, before, and is not this night's" if older else "")
-        return f"{why} without opening a batch{since} (see its prepare/chunk_corpus logs){stale}"
+        return f"{why} without opening a batch{since} (see its prepare/list_corpus logs){stale}"
     msg = row.get("message") or row["status"]
     if o.run_state != "success":
         return f"{CHILD_DAG_ID} run {run_id} ended {o.run_state}: {msg}"

@@ -157,25 +157,75 @@ def _holder_alive(holder) -> bool | None:
 
 
 @task_outcome
-def chunk_corpus(prepared: dict, dag_run=None) -> dict:
-    """Take the corpus's lease, then read, sanitize and chunk the corpus (unchanged documents are
-    skipped) and claim the chunks that need vectors. Returns the batch manifest (ids and counts only).
-    """
-    from reindex import pipeline
+def list_corpus(prepared: dict, dag_run=None) -> list[dict]:
+    """Take the corpus's lease (or wait for it without holding a worker slot), open the batch, list the corpus
+    with each file's metadata — unchanged files are left unread — and split the files to read into shards
+    (``REINDEX_SCAN_SHARD_BYTES`` / ``REINDEX_SCAN_SHARD_FILES``, at most 256 shards). Returns one small
+    descriptor per shard, ``{"batch_id", "shard", "entries", "bytes"}``: the mapped ``scan_shard`` expands over it
+    (none when nothing changed)."""
+    from reindex import scan, settings
     from reindex.store.batches import add_stage_seconds
 
     cfg = config_from(prepared["config"])
-    batch_id = pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
+    batch_id = _batch_id(cfg, dag_run)
     with PgVectorHook().store() as store, terminal_errors():
         _take_corpus(store, cfg, batch_id, dag_run)
-        manifest = pipeline.chunk_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
-                                         model_checksum=prepared["model_checksum"], dag_run_id=dag_run.run_id,
-                                         dag_id=dag_run.dag_id)
+        listed = scan.list_corpus(store, cfg, corpus_root(cfg.corpus_uri), batch_id=batch_id,
+                                  model_checksum=prepared["model_checksum"], shard_bytes=settings.scan_shard_bytes(),
+                                  shard_files=settings.scan_shard_files(), dag_run_id=dag_run.run_id,
+                                  dag_id=dag_run.dag_id)
         _remember_config(store, batch_id, cfg)
+        add_stage_seconds(store, batch_id, "list", listed["seconds"])
+    _metrics().log_event("reindex.listed", **{k: listed.get(k) for k in (
+        "batch_id", "corpus", "files", "unchanged_files", "read_files", "split_files", "seconds")},
+        shards=len(listed["shards"]))
+    return [{"batch_id": batch_id, **s} for s in listed["shards"]]
+
+
+def _batch_id(cfg, dag_run) -> str:
+    from reindex import pipeline
+
+    return pipeline.batch_id_for(dag_run.dag_id, dag_run.run_id, cfg.corpus)
+
+
+def _shard_label(shard: dict) -> str:
+    mib = shard["bytes"] / (1 << 20)
+    size = f"{mib:.1f} MiB" if mib >= 0.1 else f"{shard['bytes']:,} bytes"
+    return f"shard {shard['shard']}: {shard['entries']:,} file(s) or part(s), {size}"
+
+
+@task_outcome
+def scan_shard(shard: dict, prepared: dict) -> dict:
+    """Read, sanitize and chunk one shard of the listing; merge its documents and chunks in its own transaction
+    (nothing is deleted here: that waits for every shard). A rerun rewrites the same rows."""
+    from reindex import scan
+    from reindex.store.batches import add_stage_seconds
+
+    _label_map_index(_shard_label(shard))
+    cfg = config_from(prepared["config"])
+    with PgVectorHook().store() as store:
+        out = scan.scan_shard(store, cfg, corpus_root(cfg.corpus_uri), batch_id=shard["batch_id"],
+                              shard=shard["shard"])
+        add_stage_seconds(store, shard["batch_id"], "chunk", out["seconds"])
+    return out
+
+
+@task_outcome
+def finish_scan(prepared: dict, dag_run=None) -> dict:
+    """After every shard: delete the documents gone from the corpus (and chunks re-chunked documents no longer
+    have), remember file fingerprints, claim the chunks that need vectors. Returns the batch manifest (ids and
+    counts only) the embedding tasks work from."""
+    from reindex import scan
+    from reindex.store.batches import add_stage_seconds
+
+    cfg = config_from(prepared["config"])
+    batch_id = _batch_id(cfg, dag_run)
+    with PgVectorHook().store() as store:
+        manifest = scan.finish_scan(store, cfg, batch_id=batch_id, model_checksum=prepared["model_checksum"])
         add_stage_seconds(store, batch_id, "chunk", manifest["seconds"])
     _metrics().log_event("reindex.chunked", **{k: manifest.get(k) for k in (
         "batch_id", "corpus", "documents", "unchanged_documents", "failed_documents", "deleted_documents",
-        "chunks", "pending", "reused", "seconds")})
+        "chunks", "pending", "reused", "shards", "seconds")})
     return {**manifest, "config": cfg.to_dict()}
 
 

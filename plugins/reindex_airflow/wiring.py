@@ -36,6 +36,18 @@ def encode_task_args() -> dict:
     return args
 
 
+def scan_corpus(prepared):
+    """list_corpus → scan_shard (mapped, ``REINDEX_SCAN_CONCURRENCY`` at a time) → finish_scan. Returns the batch
+    manifest XComArg. ``finish_scan`` also runs when no shard was planned (nothing changed: the mapped task has
+    no instance and is skipped), never after a failed one."""
+    shards = task(t.list_corpus)(prepared)
+    scanned = task(t.scan_shard, max_active_tis_per_dagrun=settings.scan_concurrency(),
+                   map_index_template=t.MAP_INDEX_TEMPLATE).partial(prepared=prepared).expand(shard=shards)
+    manifest = task(t.finish_scan, trigger_rule="none_failed")(prepared)
+    scanned >> manifest
+    return manifest
+
+
 def embed_and_close(manifest, after=None, *, branch_on_status: bool = True):
     """Route by backend, embed, then build_index → summarize → branch on the batch status.
 

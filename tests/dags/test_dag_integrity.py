@@ -71,10 +71,12 @@ def test_model_upgrade_shape(dagbag):
 def test_reindex_corpus_shape(dagbag):
     dag = dagbag.get_dag("reindex_corpus")
     ids = {t.task_id for t in dag.tasks}
-    assert ids == {"prepare", "chunk_corpus", "choose_backend", "plan_partitions", "encode_partition",
+    assert ids == {"prepare", "list_corpus", "scan_shard", "finish_scan", "choose_backend", "plan_partitions", "encode_partition",
                    "submit_vertex_batch", "plan_result_ranges", "ingest_results", "close_results",
                    "build_index", "summarize", "branch", "done", "trigger_retry", "fail_batch"}
     assert dag.get_task("choose_backend").downstream_task_ids == {"plan_partitions", "submit_vertex_batch"}
+    assert dag.get_task("scan_shard").downstream_task_ids == {"finish_scan"}
+    assert dag.get_task("finish_scan").trigger_rule == "none_failed"  # also when no shard was planned
     assert dag.get_task("branch").downstream_task_ids == {"done", "trigger_retry", "fail_batch"}
     assert dag.get_task("summarize").trigger_rule == "all_done"
     assert dag.get_task("trigger_retry").trigger_dag_id == "reindex_retry"

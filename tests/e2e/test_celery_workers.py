@@ -1,7 +1,8 @@
 """`make airflow-celery` for real: scripts/celery_stack.py starts the api-server, scheduler, dag-processor,
 triggerer and two Celery workers (SQLAlchemy broker on the session's PostgreSQL — no Redis, no Docker); a
-reindex_corpus run of 500 one-chunk documents in 5 encode partitions lands on both workers; SIGTERM stops every
-component."""
+reindex_corpus run of 500 one-chunk documents — one .jsonl file split into byte-range scan shards, 5 encode
+partitions — lands on both workers and equals the single-task scan; an unchanged second run plans no scan shard;
+SIGTERM stops every component."""
 
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def celery_stack(airflow_db, tmp_path):
         "REINDEX_LEASE_POLL_SECONDS": "2",
         # two encodes at once per run, one task slot per worker: while one worker encodes, the other must
         "REINDEX_ENCODE_CONCURRENCY": "2",
+        # the 500-line .jsonl (~47 KB) is read as six byte ranges by six scan_shard tasks, two at a time
+        "REINDEX_SCAN_SHARD_BYTES": "8000",
+        "REINDEX_SCAN_CONCURRENCY": "2",
     })
     (tmp_path / "no-corpora.yaml").write_text("corpora: []\n", encoding="utf-8")
     # The DAGs as this environment parses them, before the scheduler sees an older serialization.
@@ -132,7 +136,7 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_a_run_spreads_over_two_celery_workers(celery_stack, corpus, store_uri):
+def test_a_run_spreads_over_two_celery_workers(celery_stack, corpus, store_uri, store, encoder):
     env, logs, ready_line, proc, lines = celery_stack
     host = socket.gethostname()
     workers = {f"worker1@{host}", f"worker2@{host}"}
@@ -160,6 +164,17 @@ def test_a_run_spreads_over_two_celery_workers(celery_stack, corpus, store_uri):
     with settings.Session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == "reindex_corpus",
                                                  TaskInstance.run_id == run_id).all()
+    shards = [ti for ti in tis if ti.task_id == "scan_shard"]
+    assert len(shards) == 6 and {str(ti.state) for ti in shards} == {"success"}
+    assert {ti.hostname for ti in shards} == workers, [(ti.map_index, ti.hostname) for ti in shards]
+    from reindex.config import ReindexConfig
+    from tests.integration.test_sharded_scan import compare_stores, single_task_run
+
+    reference = single_task_run(store, ReindexConfig(corpus="celery_two", corpus_uri=str(corpus),
+                                                     partition_size=PARTITION_SIZE), corpus, "ref", encoder)
+    finished = next(ti for ti in tis if ti.task_id == "finish_scan").xcom_pull(task_ids="finish_scan")
+    with connect(store_uri, autocommit=True) as conn:
+        compare_stores(Store(conn), store, "celery_two", finished, reference)
     encodes = [ti for ti in tis if ti.task_id == "encode_partition"]
     assert len(encodes) == DOCS // PARTITION_SIZE
     assert {str(ti.state) for ti in encodes} == {"success"}
@@ -169,6 +184,20 @@ def test_a_run_spreads_over_two_celery_workers(celery_stack, corpus, store_uri):
     ran = [ti for ti in tis if str(ti.state) == "success"]
     assert {ti.task_id for ti in ran if not ti.hostname} == {"done"}
     assert {ti.hostname for ti in ran if ti.hostname} == workers and {ti.queue for ti in ran} == {"default"}
+
+    # nothing changed: listings only, no scan task, nothing encoded
+    again = f"{run_id}_again"
+    subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_corpus", "--run-id", again, "--conf",
+                    json.dumps({"corpus": "celery_two", "corpus_uri": str(corpus),
+                                "partition_size": PARTITION_SIZE})], env=env, check=True, capture_output=True)
+    assert _wait_run(again, logs, proc, lines, timeout=300) == "success", _tails(logs)
+    with settings.Session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == "reindex_corpus",
+                                                 TaskInstance.run_id == again).all()
+    finished = next(ti for ti in tis if ti.task_id == "finish_scan").xcom_pull(task_ids="finish_scan")
+    assert (finished["read_files"], finished["unchanged_files"], finished["shards"], finished["pending"]) == \
+        (0, 1, 0, 0)
+    assert not [ti for ti in tis if ti.task_id == "scan_shard" and str(ti.state) == "success"]
 
     # SIGTERM: the stack stops its components (scheduling first, then the workers, the api-server last), exits 0
     pids = _pids(ready_line)

@@ -37,15 +37,16 @@ def test_a_gs_corpus_is_read_chunked_and_embedded(dagbag, corpus_dag, vertex_env
     # Unchanged objects (same generation and md5 in the listing) are not read again.
     dr = corpus_dag.test(run_conf=conf)
     assert dr.state == "success", _states(dr)
-    manifest = dr.get_task_instance("chunk_corpus").xcom_pull(task_ids="chunk_corpus")
+    manifest = dr.get_task_instance("finish_scan").xcom_pull(task_ids="finish_scan")
     assert (manifest["read_files"], manifest["unchanged_files"], manifest["documents"]) == (0, 14, 14)
+    assert manifest["shards"] == 0  # nothing to read: no scan task at all
 
     # An object rewritten with the same bytes has a new generation: read again, its document unchanged by content.
     bucket.blob("kb/doc03.txt").upload_from_string("Client document 3: the 3th note.")
     bucket.blob("kb/doc04.txt").upload_from_string("Client document 4, edited.")
     dr = corpus_dag.test(run_conf=conf)
     assert dr.state == "success", _states(dr)
-    manifest = dr.get_task_instance("chunk_corpus").xcom_pull(task_ids="chunk_corpus")
+    manifest = dr.get_task_instance("finish_scan").xcom_pull(task_ids="finish_scan")
     assert (manifest["read_files"], manifest["unchanged_files"], manifest["unchanged_documents"]) == (2, 12, 13)
     assert manifest["pending"] == 1
 

@@ -94,7 +94,6 @@ def _hold_lease(store, corpus: str, batch_id: str = "someone-else") -> None:
 def test_a_busy_corpus_fails_clearly_or_waits(corpus_dag, store_conn, tmp_path, monkeypatch):
     """on_busy=fail: the task fails naming the holder, writing nothing. on_busy=wait: the task is
     rescheduled (no worker slot held) until the holder is done, then the run completes."""
-    import threading
     from types import SimpleNamespace
 
     from airflow.sdk.exceptions import AirflowFailException
@@ -114,23 +113,35 @@ def test_a_busy_corpus_fails_clearly_or_waits(corpus_dag, store_conn, tmp_path, 
 
     dag = corpus_dag
     dr = dag.test(run_conf={"corpus": "busy_e2e", "corpus_uri": str(tmp_path), "on_busy": "fail"})
-    assert dr.state == "failed" and _ti_states(dr)["chunk_corpus"] == "failed"
+    assert dr.state == "failed" and _ti_states(dr)["list_corpus"] == "failed"
     (nbatches,) = store_conn.one(sql.SQL("SELECT count(*) FROM {} WHERE corpus = 'busy_e2e'").format(
         store_conn.t("batches")))
     assert nbatches == 1 and leases.get_lease(store_conn, "busy_e2e").batch_id == "someone-else"
 
     monkeypatch.setenv("REINDEX_LEASE_POLL_SECONDS", "1")
-    timer = threading.Timer(2, lambda: leases.release(store_conn, "busy_e2e", "someone-else"))
-    timer.start()
+    from airflow.sdk.exceptions import AirflowRescheduleException
+
+    from reindex_airflow import tasks
+
+    take = tasks._take_corpus
+
+    def holder_finishes_while_we_wait(*args, **kwargs):
+        # the holder ends right after this run's first look (whenever that is): one reschedule, then the lease
+        try:
+            return take(*args, **kwargs)
+        except AirflowRescheduleException:
+            leases.release(store_conn, "busy_e2e", "someone-else")
+            raise
+
+    monkeypatch.setattr(tasks, "_take_corpus", holder_finishes_while_we_wait)
     dr = dag.test(run_conf={"corpus": "busy_e2e", "corpus_uri": str(tmp_path), "on_busy": "wait"})
-    timer.join()
     assert dr.state == "success", _ti_states(dr)
     from airflow import settings
     from airflow.models.taskreschedule import TaskReschedule
 
     with settings.Session() as session:
         reschedules = session.query(TaskReschedule).filter(TaskReschedule.ti_id == next(
-            ti.id for ti in dr.get_task_instances() if ti.task_id == "chunk_corpus")).count()
+            ti.id for ti in dr.get_task_instances() if ti.task_id == "list_corpus")).count()
     assert reschedules >= 1
     st = corpus_status(store_conn, "busy_e2e")
     assert st["chunks"]["READY"] == 1 and st["lease"] is None

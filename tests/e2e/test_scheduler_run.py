@@ -1,7 +1,8 @@
 """Runs through real Airflow processes: scheduler (LocalExecutor), dag-processor, triggerer and
 api-server (the Execution API the task processes talk to), triggered from the CLI like an operator
 would: two nightly runs over configured corpora (the second does no work), with a manual run on
-one of the corpora racing the first nightly run."""
+one of the corpora racing the first nightly run; and a sharded scan (tiny shards, mapped scan tasks in
+parallel) through a corpus's changes, held against the single-task scan."""
 
 from __future__ import annotations
 
@@ -123,3 +124,61 @@ def test_nightly_runs_through_the_scheduler(airflow_services, corpora, store_uri
             assert (run_id, status, encoded, reused) == (f"nightly__{night2}__{corpus}", "COMPLETED", 0, n)
             assert message.startswith("nothing to embed: 0 chunks encoded, 0 batch jobs submitted")
 
+
+
+@pytest.fixture
+def sharded_services(airflow_db, tmp_path, corpora, monkeypatch):
+    # tiny shards: the corpus of tests/integration/test_sharded_scan.py becomes 20-odd mapped scan tasks
+    monkeypatch.setenv("REINDEX_SCAN_SHARD_BYTES", "300")
+    monkeypatch.setenv("REINDEX_SCAN_SHARD_FILES", "3")
+    with airflow_processes(tmp_path, corpora[0], "0 2 29 2 *") as (env, logs):
+        yield env, logs
+
+
+def test_sharded_scan_through_the_scheduler_equals_the_single_task_scan(sharded_services, store_uri, tmp_path,
+                                                                        encoder, store):
+    """Additions, edits, deletions, a moved file, duplicate ids across shards and split .jsonl/.parquet files:
+    after each change, the DAG's sharded scan (scan_shard tasks run in parallel by the LocalExecutor) leaves the
+    same documents, chunks, fingerprints and vectors as ``pipeline.chunk_corpus`` in a schema of its own; an
+    unchanged run plans no shard, so no content is read."""
+    from reindex.config import ReindexConfig
+    from tests.integration.test_sharded_scan import _change, _initial, _jsonl, compare_stores, single_task_run
+
+    env, logs = sharded_services
+    subprocess.run([*AIRFLOW, "dags", "unpause", "reindex_corpus"], env=env, check=True, capture_output=True)
+    root = tmp_path / "kb"
+    _initial(root)
+    cfg = ReindexConfig(corpus="sharded_e2e", corpus_uri=str(root), max_tokens=32, overlap_tokens=4)
+    conf = {"corpus": cfg.corpus, "corpus_uri": str(root), "max_tokens": 32, "overlap_tokens": 4}
+
+    def dag_run(n: int) -> list:
+        run_id = f"sharded_{n}_{int(time.time())}"
+        subprocess.run([*AIRFLOW, "dags", "trigger", "reindex_corpus", "--run-id", run_id, "--conf", json.dumps(conf)],
+                       env=env, check=True, capture_output=True)
+        _wait([("reindex_corpus", run_id)], logs)
+        from airflow import settings
+        from airflow.models.taskinstance import TaskInstance
+
+        with settings.Session() as session:
+            return session.query(TaskInstance).filter(TaskInstance.dag_id == "reindex_corpus",
+                                                      TaskInstance.run_id == run_id).all()
+
+    fixed = [{"id": f"j{i}", "text": f"Line {i} about otters and rivers. " * (1 + i % 4)} for i in range(5, 46)]
+    with connect(store_uri, autocommit=True) as conn:
+        dag_store = Store(conn)
+        for step, change in enumerate([None, _change, lambda r: _jsonl(r / "a_lines.jsonl", fixed)]):
+            if change is not None:
+                change(root)
+            tis = dag_run(step)
+            shards = [ti for ti in tis if ti.task_id == "scan_shard"]
+            assert len(shards) > 5 and {str(ti.state) for ti in shards} == {"success"}
+            manifest = single_task_run(store, cfg, root, f"ref{step}", encoder)
+            dag_manifest = next(ti for ti in tis if ti.task_id == "finish_scan").xcom_pull(task_ids="finish_scan")
+            compare_stores(dag_store, store, cfg.corpus, dag_manifest, manifest)
+
+        tis = dag_run(3)  # nothing changed since the last run
+        assert [ti for ti in tis if ti.task_id == "scan_shard" and ti.state is not None and
+                str(ti.state) != "skipped"] == []
+        manifest = next(ti for ti in tis if ti.task_id == "finish_scan").xcom_pull(task_ids="finish_scan")
+        assert (manifest["read_files"], manifest["shards"], manifest["pending"]) == (0, 0, 0)
+        assert manifest["unchanged_files"] == manifest["files"] == 12

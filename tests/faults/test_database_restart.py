@@ -104,7 +104,9 @@ def test_a_database_crash_mid_load_fails_the_task_and_its_retry_heals_it(second_
     params = {"corpus": corpus, "corpus_uri": str(root), "backend": "local", "model": "", "on_busy": "fail"}
     run = SimpleNamespace(dag_id="reindex_corpus", run_id="manual__fault_db_restart", start_date=None)
     prepared = tasks.prepare(params)
-    manifest = tasks.chunk_corpus(prepared, dag_run=run)
+    for shard in tasks.list_corpus(prepared, dag_run=run):
+        tasks.scan_shard(shard, prepared)
+    manifest = tasks.finish_scan(prepared, dag_run=run)
     assert (manifest["documents"], manifest["pending"]) == (600, 600)
     (partition,) = tasks.plan_partitions(manifest)
 

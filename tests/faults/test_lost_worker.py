@@ -102,7 +102,7 @@ def test_a_lost_workers_half_done_batch_is_abandoned_and_finished_by_the_next_ru
                                                 + "\n" for d in ids), encoding="utf-8")
     conf = corpus_dag.conf(corpus=corpus, corpus_uri=str(root), on_busy="fail")
 
-    # The lost run: its prepare ran, then its chunk_corpus and encode_partition ran in a worker that is
+    # The lost run: its prepare ran, then its scan tasks and encode_partition ran in a worker that is
     # killed inside the transaction of its second vector block.
     airflow_run(LOST_RUN, conf)
     prepared = tasks.prepare(conf)
@@ -136,7 +136,7 @@ def test_a_lost_workers_half_done_batch_is_abandoned_and_finished_by_the_next_ru
 
 def test_a_running_runs_lease_is_not_taken_over(corpus_dag, airflow_run, store_conn, tmp_path):
     """The holder's DAG run is running (its worker may be busy for hours): the next run with on_busy=fail is
-    refused in chunk_corpus, and the holder keeps the corpus and its batch."""
+    refused in list_corpus, and the holder keeps the corpus and its batch."""
     from reindex.store import leases
     from reindex.store.batches import create_batch
     from reindex.store.documents import ensure_corpus
@@ -156,4 +156,4 @@ def test_a_running_runs_lease_is_not_taken_over(corpus_dag, airflow_run, store_c
     dr = corpus_dag.test(**conf)
     assert batch_row(store_conn, holder_batch)["status"] == "RUNNING"
     assert get_lease(store_conn, corpus).batch_id == holder_batch
-    assert dr.state == "failed" and [t for t, s in ti_states(dr).items() if s == "failed"] == ["chunk_corpus"]
+    assert dr.state == "failed" and [t for t, s in ti_states(dr).items() if s == "failed"] == ["list_corpus"]

@@ -69,7 +69,7 @@ def test_an_older_batch_of_the_same_run_id_is_not_this_nights(store):
     assert "batch_id" not in kb and report["encoded"] == 0
     assert kb["message"] == (
         f"reindex_corpus run nightly__n1__kb succeeded without opening a batch since it started at "
-        f"{restarted.isoformat()} (see its prepare/chunk_corpus logs); the batch kb-1 (COMPLETED) of that run "
+        f"{restarted.isoformat()} (see its prepare/list_corpus logs); the batch kb-1 (COMPLETED) of that run "
         f"id started at {old.isoformat()}, before, and is not this night's")
 
 

@@ -94,7 +94,28 @@ def _rows(store: Store, corpus: str) -> dict:
     return {"documents": docs, "chunks": chunks, "vectors": vectors, "files": files}
 
 
-_RUN_ONLY = {"batch_id", "seconds", "vector_table", "shards", "split_files"}
+_RUN_ONLY = {"batch_id", "seconds", "vector_table", "shards", "split_files", "config"}
+
+
+def single_task_run(store, cfg, root, batch: str, encoder) -> dict:
+    """The reference: today's single-task scan, then every partition encoded in this process."""
+    return _run(store, cfg, root, batch, encoder, sharded=False)
+
+
+def compare_stores(got: Store, want: Store, corpus: str, got_manifest: dict, want_manifest: dict) -> None:
+    """Documents, chunks (with their statuses), remembered fingerprints and manifests equal; vectors of the same
+    chunks and texts, equal within float rounding (encoded in other processes, in other batches)."""
+    import numpy as np
+
+    assert {k: v for k, v in got_manifest.items() if k not in _RUN_ONLY} == \
+        {k: v for k, v in want_manifest.items() if k not in _RUN_ONLY}
+    a, b = _rows(got, corpus), _rows(want, corpus)
+    for key in ("documents", "chunks", "files"):
+        assert a[key] == b[key], key
+    assert [r[:2] for r in a["vectors"]] == [r[:2] for r in b["vectors"]]
+    va = np.array([json.loads(r[2]) for r in a["vectors"]])
+    vb = np.array([json.loads(r[2]) for r in b["vectors"]])
+    assert va.shape == vb.shape and float(np.abs(va - vb).max()) < 1e-5
 
 
 def _run(store, cfg, root, batch: str, encoder, *, sharded: bool, shard_bytes: int = 300) -> dict:
