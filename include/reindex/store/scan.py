@@ -206,24 +206,25 @@ def finish(store: Store, corpus: str, batch_id: str, chunking: str, vector_table
         (corpus, batch_id, ErrorCode.UNREADABLE.value)).rowcount
     if kept:
         log.warning("corpus %s: %d document(s) under unreadable paths kept as they were", corpus, kept)
-    # chunks the documents read by this scan no longer have (a failed document has none)
-    store.execute(sql.SQL("""CREATE TEMP TABLE scan_orphans ON COMMIT DROP AS
-        SELECT c.id FROM {seen} s JOIN {documents} d ON d.corpus = %s AND d.doc_id = s.doc_id
+    store.execute("ANALYZE scan_gone")
+    # the chunks to delete: those the documents read by this scan no longer have (ordinals past the document's
+    # chunk count; a failed document has none), and those of the documents gone
+    store.execute(sql.SQL("""CREATE TEMP TABLE scan_dead ON COMMIT DROP AS
+        SELECT c.id, false AS gone FROM {seen} s JOIN {documents} d ON d.corpus = %s AND d.doc_id = s.doc_id
             JOIN {chunks} c ON c.corpus = %s AND c.doc_id = d.doc_id
-        WHERE s.batch_id = %s AND c.ordinal >= d.chunk_count""").format(
-        seen=t("scan_seen"), documents=t("documents"), chunks=t("chunks")), (corpus, corpus, batch_id))
+        WHERE s.batch_id = %s AND c.ordinal >= d.chunk_count
+        UNION ALL
+        SELECT c.id, true FROM scan_gone g JOIN {chunks} c ON c.corpus = %s AND c.doc_id = g.doc_id""").format(
+        seen=t("scan_seen"), documents=t("documents"), chunks=t("chunks")), (corpus, corpus, batch_id, corpus))
+    store.execute("ANALYZE scan_dead")
     if vector_table is not None:
         store.execute(sql.SQL("""CREATE TEMP TABLE reuse_pool ON COMMIT DROP AS
             SELECT DISTINCT ON (e.content_sha256) e.content_sha256, e.embedding
-            FROM {chunks} c JOIN {emb} e ON e.chunk_pk = c.id
-            WHERE c.corpus = %s AND (c.id IN (SELECT id FROM scan_orphans)
-                OR c.doc_id IN (SELECT doc_id FROM scan_gone))""").format(
-            chunks=t("chunks"), emb=t(vector_table)), (corpus,))
+            FROM scan_dead x JOIN {emb} e ON e.chunk_pk = x.id""").format(emb=t(vector_table)))
         store.execute("CREATE INDEX ON reuse_pool (content_sha256)")
-    orphans = store.execute(sql.SQL("DELETE FROM {} WHERE id IN (SELECT id FROM scan_orphans)").format(
-        t("chunks"))).rowcount
-    gone_chunks = store.execute(sql.SQL("""DELETE FROM {chunks} c USING scan_gone g
-        WHERE c.corpus = %s AND c.doc_id = g.doc_id""").format(chunks=t("chunks")), (corpus,)).rowcount
+    orphans, gone_chunks = store.one("SELECT count(*) FILTER (WHERE NOT gone), count(*) FILTER (WHERE gone) "
+                                     "FROM scan_dead")
+    store.execute(sql.SQL("DELETE FROM {} c USING scan_dead x WHERE c.id = x.id").format(t("chunks")))
     deleted_docs = store.execute(sql.SQL("""DELETE FROM {documents} d USING scan_gone g
         WHERE d.corpus = %s AND d.doc_id = g.doc_id""").format(documents=t("documents")), (corpus,)).rowcount
     _remember_files(store, corpus, batch_id, chunking)
