@@ -113,6 +113,11 @@ def _status(args) -> int:
     if b:
         print(f"  last batch {b['batch_id']} [{b['kind']}, {b['backend']}] {b['status']}: total {b['total']}, "
               f"ready {b['ready']}, failed {b['failed']}, reused {b['reused']}, finished {b['finished_at']}")
+        gate = b.get("quality")
+        if gate:  # an upgrade batch: what its quality gate measured before the switch
+            print(f"             {gate['line']}")
+            if gate["decision"]:
+                print(f"             decision: {gate['decision'].get('choice')} by {gate['decision'].get('by')}")
     else:
         print("  last batch none")
     return 0

@@ -359,6 +359,31 @@ def gate_verdict(figures: SwitchFigures, settings: GateSettings) -> tuple[bool, 
     return not reasons, reasons
 
 
+# What the views of a batch (``python -m reindex status``, the Reindex tab's batch card and its JSON) show of the
+# gate, every key always present (None where not recorded) so a template can read any of them.
+RECORDED_GATE_KEYS = ("line", "passed", "queries", "source", "k", "same_weights", "hit_rate_old", "hit_rate_new",
+                      "agreement", "index_recall", "min_cosine", "mean_cosine", "not_measured", "reasons", "below",
+                      "thresholds", "decision")
+
+
+def recorded_gate(details: dict | None) -> dict | None:
+    """The quality gate's figures as recorded on an upgrade batch (``details.quality``, written by the
+    ``quality_gate`` task), or None when the batch went through no gate (not an upgrade, or not measured yet).
+
+    Keys: ``RECORDED_GATE_KEYS``; ``reasons`` is a list (empty when passed), ``decision`` a dict
+    (``choice``, ``by``) or None; a figure that was not measured is None.
+    """
+    q = (details or {}).get("quality")
+    if not isinstance(q, dict) or not q:
+        return None
+    out = {key: q.get(key) for key in RECORDED_GATE_KEYS}
+    out["reasons"] = [str(r) for r in q.get("reasons") or []]
+    out["decision"] = q["decision"] if isinstance(q.get("decision"), dict) else None
+    if not out["line"]:  # recorded by hand or by an older gate: the line is made from the figures
+        out["line"] = SwitchFigures(**{f: q[f] for f in SwitchFigures.__dataclass_fields__ if f in q}).line()
+    return out
+
+
 def registered_model(store, model_checksum: str) -> dict | None:
     """The model registry's row of ``model_checksum`` (``model_id``, ``revision``, ``dim``, ``normalized``,
     ``backend``, ``details``), None when unknown."""

@@ -61,6 +61,11 @@ def fmt_usd(value) -> str:
     return DASH if value is None else f"${float(value):,.4f}"
 
 
+def fmt_pct(value) -> str:
+    """A share (0–1) as a percentage with one decimal: 0.9731 → "97.3%"."""
+    return DASH if value is None else f"{float(value):.1%}"
+
+
 def or_dash(value) -> str:
     return DASH if value is None or value == "" else str(value)
 
@@ -69,7 +74,7 @@ _env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                    autoescape=select_autoescape(("html",), default_for_string=True, default=True),
                    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 _env.filters.update(status_words=status_words, status_class=status_class, n=fmt_int, secs=fmt_seconds,
-                    size=fmt_bytes, usd=fmt_usd, dash=or_dash, q=lambda v: quote(str(v), safe=""),
+                    size=fmt_bytes, usd=fmt_usd, pct=fmt_pct, dash=or_dash, q=lambda v: quote(str(v), safe=""),
                     query=lambda d: urlencode({k: v for k, v in d.items() if v not in (None, "")}))
 
 

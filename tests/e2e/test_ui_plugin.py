@@ -282,6 +282,29 @@ def test_run_tabs_of_the_other_dags(ui, store):
     assert _attr(html, "batch", "data-batch-id") == ["kb-upgrade00001"]
     assert _text(html, "retry-unavailable") == [
         "Retry: an upgrade batch is resumed by running reindex_model_upgrade again"]
+    assert _text(html, "quality") == []  # no gate measured yet: no gate section
+    # the quality gate's figures, as the quality_gate task records them, are on the batch card and in its JSON
+    from reindex.quality import SwitchFigures
+    from reindex.store.batches import update_details
+
+    figures = SwitchFigures(queries=100, source="sampled chunks", hit_rate_old=0.91, hit_rate_new=0.84,
+                            agreement=0.413, index_recall=0.993, passed=False,
+                            reasons=["own-document hit rate fell 7.0% (91.0% → 84.0%), more than "
+                                     "quality_max_drop=2.0%"])
+    update_details(store, "kb-upgrade00001", {"quality": {**figures.to_dict(), "line": figures.line(), "below": "wait",
+                                                          "decision": {"choice": "Reject", "by": "reviewer"}}})
+    html = client.get("/reindex/runs/reindex_model_upgrade/manual__up", token=tok["operator"]).text
+    assert _attr(html, "quality", "data-passed") == ["no"]
+    assert _text(html, "quality-queries") == ["100 sampled chunks"]
+    assert _text(html, "quality-hit-rate") == ["91.0% → 84.0%"]
+    assert _text(html, "quality-agreement") == ["41.3%"] and _text(html, "quality-recall") == ["99.3%"]
+    assert _text(html, "quality-cosine") == ["—"]  # the two models' vectors have different dimensions
+    assert _text(html, "quality-verdict") == [
+        "below the bar: own-document hit rate fell 7.0% (91.0% → 84.0%), more than quality_max_drop=2.0%"]
+    assert _text(html, "quality-decision") == ["Reject by reviewer"]
+    (b,) = client.get("/reindex/api/runs/reindex_model_upgrade/manual__up", token=tok["operator"]).json()["batches"]
+    assert (b["quality"]["agreement"], b["quality"]["hit_rate_new"], b["quality"]["index_recall"]) == (0.413, 0.84, 0.993)
+    assert b["quality"]["line"] == figures.line()
     html = client.get(f"/reindex/runs/reindex_retry/{s.retry_run}", token=tok["viewer"]).text
     assert _attr(html, "batch", "data-batch-id") == [s.retry]
     assert _attr(html, "batch-status", "data-status") == ["COMPLETED"] and 'class="card st-ok"' in html

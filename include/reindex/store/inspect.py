@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from psycopg import sql
 
+from reindex.quality import recorded_gate
 from reindex.retry import RetryPolicy, decide
 from reindex.store import Store
 
@@ -349,7 +350,8 @@ def batch_detail(store: Store, batch_id: str, *, per_reason: int = 3, policy: Re
     ``first_errors`` (``first_errors``: chunks the batch holds now) and ``recorded_errors`` (the sample
     taken at close, by reason: ``chunk_id``, ``doc_id``, ``error_message``, ``source``); ``jobs`` (``details.jobs`` with ``console_url``), ``job_names``;
     ``usage`` (``tokens``, ``characters``, ``token_source``, ``cost`` — None where not recorded);
-    ``stages`` (stage → seconds, None where not recorded); ``message``; ``failed_documents``
+    ``stages`` (stage → seconds, None where not recorded); ``message``; ``quality`` (an upgrade's quality gate:
+    ``reindex.quality.recorded_gate``, None for a batch without one); ``failed_documents``
     (``count``, ``by_reason``).
     """
     t = store.t
@@ -384,6 +386,7 @@ def batch_detail(store: Store, batch_id: str, *, per_reason: int = 3, policy: Re
         "usage": _usage(row),
         "stages": _stages(details),
         "message": details.get("message"),
+        "quality": recorded_gate(details),
         "failed_documents": {"count": sum(docs_by_reason.values()), "by_reason": docs_by_reason},
     }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from psycopg import sql
 
+from reindex.quality import recorded_gate
 from reindex.store import Store
 from reindex.store.vectors import get_embedding_store
 
@@ -72,7 +73,8 @@ def unknown_corpus(store: Store, corpus: str) -> str:
 
 def corpus_status(store: Store, corpus: str, *, failed_documents: int = 5) -> dict:
     """Counts by chunk status and error code, documents (failed ones by reason, and the first
-    ``failed_documents`` of them by ``doc_id``), the active model and the last batch.
+    ``failed_documents`` of them by ``doc_id``), the active model and the last batch (with ``quality``: the
+    figures of its quality gate when it is an upgrade batch that went through one, else None).
 
     Raises ``LookupError`` when the schema is not initialised or the corpus is not in it.
     """
@@ -101,12 +103,13 @@ def corpus_status(store: Store, corpus: str, *, failed_documents: int = 5) -> di
             (corpus, failed_documents)).fetchall()
     ]
     cur = store.execute(sql.SQL("""SELECT batch_id, kind, backend, status, total, ready, failed, reused,
-            counts_by_reason, started_at, finished_at FROM {} WHERE corpus = %s
+            counts_by_reason, started_at, finished_at, details FROM {} WHERE corpus = %s
         ORDER BY started_at DESC LIMIT 1""").format(t("batches")), (corpus,))
     last = cur.fetchone()
     last_batch = None
     if last is not None:
         last_batch = dict(zip([c.name for c in cur.description], last, strict=True))
+        last_batch["quality"] = recorded_gate(last_batch.pop("details"))
         for key in ("started_at", "finished_at"):
             last_batch[key] = last_batch[key].isoformat() if last_batch[key] else None
     stores = [
