@@ -91,7 +91,7 @@ def _upgrade_answered(dag, conf: dict, choice: str):
     return dr, seen
 
 
-def test_runtime_switch_that_agrees_passes_the_gate(indexed, upgrade_dag, store_conn):
+def test_runtime_switch_that_agrees_passes_the_gate(indexed, upgrade_dag, store_conn, store_uri, capsys):
     before = corpus_status(store_conn, CORPUS)["model"]["checksum"]
     dr = upgrade_dag.test(run_conf={"corpus": CORPUS, "model": "default", "encoder": "onnx"})
     states = _states(dr)
@@ -108,6 +108,40 @@ def test_runtime_switch_that_agrees_passes_the_gate(indexed, upgrade_dag, store_
     status = corpus_status(store_conn, CORPUS)
     assert status["model"]["checksum"] == batch["model_checksum"] != before
     assert get_lease(store_conn, CORPUS).free
+    _figures_shown_with_the_batch(dr, batch, store_conn, store_uri, capsys)
+
+
+def _figures_shown_with_the_batch(dr, batch: dict, store, store_uri: str, capsys) -> None:
+    """The gate's figures are wherever the batch is shown: the run's note, ``python -m reindex status`` (text and
+    JSON) and the Reindex tab's batch data."""
+    import json
+
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+
+    from reindex.cli import main
+    from reindex.store.inspect import batch_detail
+
+    q = batch["details"]["quality"]
+    line = q["line"]
+    assert line.startswith("quality gate: 100 sampled chunks, own document in top 10 ")
+    for figure in (f"{q['hit_rate_old']:.1%} → {q['hit_rate_new']:.1%} (old → new)",
+                   f"top-10 agreement {q['agreement']:.1%}", f"index recall@10 {q['index_recall']:.1%}"):
+        assert figure in line, (figure, line)
+    with settings.Session() as session:
+        note = session.query(DagRun).filter(DagRun.run_id == dr.run_id).one().note
+    assert line in note, note
+    capsys.readouterr()
+    assert main(["--dsn", store_uri, "status", "--corpus", CORPUS]) == 0
+    out = capsys.readouterr().out
+    assert f"  last batch {batch['batch_id']} [upgrade, local]" in out and f"\n             {line}\n" in out, out
+    assert main(["--dsn", store_uri, "status", "--corpus", CORPUS, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["last_batch"]["quality"]
+    assert (shown["agreement"], shown["hit_rate_old"], shown["hit_rate_new"], shown["index_recall"], shown["line"]) == (
+        q["agreement"], q["hit_rate_old"], q["hit_rate_new"], q["index_recall"], line)
+    detail = batch_detail(store, batch["batch_id"])["quality"]
+    assert (detail["agreement"], detail["index_recall"], detail["passed"], detail["line"]) == (
+        q["agreement"], q["index_recall"], True, line)
 
 
 def test_a_worse_model_fails_the_gate_and_the_old_model_keeps_serving(indexed, upgrade_dag, store_conn, model_16):
