@@ -1,22 +1,29 @@
-"""Benchmark 6: the corpus scan (``prepare`` + ``chunk_corpus``) over many small documents.
+"""Benchmark 6: the corpus scan over many small documents — one task (``prepare`` + ``chunk_corpus``) and
+sharded (``list_corpus`` → ``scan_shard`` × shards → ``finish_scan``) with 1, 2 and 4 scan tasks.
 
 A generated corpus of ``docs`` documents, one ``.txt`` file each (200–1,500 characters of Russian +
 English text from ``make_texts``), in folders of ``PER_FOLDER`` files, on local disk under the bench
-dir. Each run times ``pipeline.prepare`` and then ``pipeline.chunk_corpus`` — the DAG's ``prepare``
-and ``chunk_corpus`` tasks — each in a process of its own (``python -m benchmarks.scan worker …``) as
-the DAG runs them, so each peak RSS is its task's own (``prepare`` of the local backend loads the
-model to know its checksum; the scan does not). The scan's figures are ``chunk_corpus``'s; the
-``prepare`` seconds are reported beside them, and the scan's time inside SQL statements (each
-``execute`` round trip and ``COPY`` block, by statement: what the server's side costs). No encoding is measured: after each scan the corpus's
-lease is released (``leases.release``) so the next scan can take it.
+dir. Each run times ``pipeline.prepare`` and then the scan's tasks — each in a process of its own
+(``python -m benchmarks.scan worker …``) as the DAG runs them, so each peak RSS is its task's own
+(``prepare`` of the local backend loads the model to know its checksum; the scan does not). The
+``prepare`` seconds are reported beside the scan's, and the scan's time inside SQL statements (each
+``execute`` round trip and ``COPY`` block, by statement: what the server's side costs). No encoding is
+measured: after each scan the corpus's lease is released (``leases.release``) so the next scan can take it.
 
-Runs, on one store schema, in order:
+Runs, in order (single task on one store schema, each sharded full run on a fresh schema of its own):
 
-1. **full**: a new corpus (fresh schema), every file read and chunked;
+1. **full**: a new corpus (fresh schema), every file read and chunked by ``chunk_corpus``;
 2. **unchanged**: the same files again — change detection should open none of them;
-3. **edited**: ``edit_fraction`` of the documents (exactly that many files, chosen at random) get a
-   sentence appended, then the scan again: only those files are read;
-4. **GCS**: the first ``gcs_docs`` documents uploaded to the GCS emulator (in this process, a
+3. **sharded**: ``_sharded_runs`` — the full scan with 1, 2 and 4 scan tasks: a ``list`` process
+   (``list_corpus``), N concurrent scan-task processes that take the shard list round-robin and each run
+   ``scan_shard`` for their shards one after another on a connection of their own, then a ``finish``
+   process (``finish_scan``). Airflow's per-task start-up (one per mapped ``scan_shard`` instance) is left
+   out: ``benchmarks/airflow_overhead.py`` measures it. Then the same with the lease heartbeat taken out of
+   the shard's transaction (a what-if patched into the scan-task processes, ``_heartbeat_apart``), and, on
+   the last N's schema after stub vectors, the sharded unchanged and 1 %-edited runs;
+4. **edited**: ``edit_fraction`` of the documents (exactly that many files, chosen at random) get a
+   sentence appended, then ``chunk_corpus`` again: only those files are read;
+5. **GCS**: the first ``gcs_docs`` documents uploaded to the GCS emulator (in this process, a
    thread), scanned through Airflow's ``ObjectStoragePath`` exactly as the DAG's ``corpus_root``
    builds it (gcsfs underneath), full and unchanged, on a schema of their own.
 
@@ -37,11 +44,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +65,7 @@ PER_FOLDER = 1000  # files per folder
 MIN_CHARS, MAX_CHARS = 200, 1500
 BUCKET = "rx-scan"
 PREFIX = "corpus"
+SHARD_FILES = 20_000  # REINDEX_SCAN_SHARD_FILES's default; the shard bytes are chosen per corpus (``run``)
 EDIT_SUFFIX = " Edited on night {night}: the text changed here."
 _PREFIX_RE = re.compile(r"^#\d+\.")
 GENERATOR = 2  # bump when the generated texts change: a cached corpus of another version is written again
@@ -254,13 +264,117 @@ def _chunk(p: dict) -> dict:
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         timed = dict(statements)
         release(store, cfg.corpus, p["batch_id"])
-    top = sorted(timed.items(), key=lambda kv: -kv[1][1])[:8]
     keys = ("files", "read_files", "unchanged_files", "documents", "unchanged_documents", "failed_documents",
             "deleted_documents", "chunks", "rechunked_chunks", "pending", "reused")
     return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), **{k: manifest.get(k) for k in keys},
             "statements_s": round(sum(v[1] for v in timed.values()), 2),
             "statements": sum(v[0] for v in timed.values()),
-            "top_statements": [{"statement": k, "calls": v[0], "seconds": round(v[1], 2)} for k, v in top]}
+            "top_statements": _top(timed)}
+
+
+def _top(timed: dict, n: int = 8) -> list[dict]:
+    return [{"statement": k, "calls": v[0], "seconds": round(v[1], 2)}
+            for k, v in sorted(timed.items(), key=lambda kv: -kv[1][1])[:n]]
+
+
+def _store(p: dict):
+    import psycopg
+
+    from reindex.store import Store
+
+    return Store(psycopg.connect(p["uri"], autocommit=True), p["schema"])
+
+
+def _list_task(p: dict) -> dict:
+    """The DAG's ``list_corpus`` task: the lease, the batch, the listing with change detection, the shards."""
+    from reindex import scan
+
+    cfg = _config(p["corpus"], p["corpus_uri"])
+    root = _root(p["corpus_uri"])
+    store = _store(p)
+    with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
+        cpu0, w0, t0 = _cpu_seconds(), time.time(), time.perf_counter()
+        listed = scan.list_corpus(store, cfg, root, batch_id=p["batch_id"], model_checksum=p["model_checksum"],
+                                  shard_bytes=p["shard_bytes"], shard_files=p["shard_files"])
+        seconds, cpu, w1 = time.perf_counter() - t0, _cpu_seconds() - cpu0, time.time()
+        timed = dict(statements)
+    keys = ("files", "read_files", "unchanged_files", "entries", "split_files")
+    return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), "wall": [w0, w1],
+            **{k: listed.get(k) for k in keys}, "shards": listed["shards"],
+            "statements_s": round(sum(v[1] for v in timed.values()), 2),
+            "statements": sum(v[0] for v in timed.values()), "top_statements": _top(timed)}
+
+
+def _heartbeat_apart(p: dict) -> None:
+    """What-if, patched in this process only: ``scan_shard``'s lease check without the lock it holds today.
+
+    ``scan.scan_shard`` checks the lease and heartbeats (``UPDATE corpora …``) as the first statement of the
+    shard's one transaction, so the corpus row stays locked until the shard commits and the next shard's
+    heartbeat waits for it: concurrent shards run one at a time. Here the check stays in the transaction (a
+    plain read) and the heartbeat goes through a connection of its own in autocommit, so it commits at once —
+    the proposed change (which also re-checks the holder ``FOR SHARE`` just before the shard commits)."""
+    from reindex import scan
+    from reindex.errors import StoreError
+    from reindex.store import leases
+
+    beat = _store(p)
+
+    def check_lease(store, corpus: str, batch_id: str) -> None:
+        holder = leases.get_lease(store, corpus)
+        if holder.batch_id != batch_id:
+            raise StoreError(f"batch {batch_id} no longer holds corpus {corpus!r}")
+        leases.heartbeat(beat, corpus, batch_id)
+
+    scan._check_lease = check_lease
+
+
+def _shard_task(p: dict) -> dict:
+    """One scan task process: ``scan_shard`` for each of ``p["shards"]`` in turn, on one connection of its own
+    (as a worker slot running several mapped ``scan_shard`` instances one after another, without Airflow's
+    per-task start-up)."""
+    from reindex import scan
+
+    cfg = _config(p["corpus"], p["corpus_uri"])
+    root = _root(p["corpus_uri"])
+    store = _store(p)
+    if p.get("heartbeat_apart"):
+        _heartbeat_apart(p)
+    sums: dict[str, int] = {}
+    per_shard = []
+    with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
+        cpu0, w0, t0 = _cpu_seconds(), time.time(), time.perf_counter()
+        for shard in p["shards"]:
+            out = scan.scan_shard(store, cfg, root, batch_id=p["batch_id"], shard=shard)
+            per_shard.append(out["seconds"])
+            for k in ("entries", "read_files", "documents", "unchanged_documents", "failed_documents", "chunks",
+                      "changed_chunks"):
+                sums[k] = sums.get(k, 0) + out[k]
+        seconds, cpu, w1 = time.perf_counter() - t0, _cpu_seconds() - cpu0, time.time()
+        timed = dict(statements)
+    return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), "wall": [w0, w1], "shards": p["shards"],
+            "shard_seconds": per_shard, **sums, "statements_s": round(sum(v[1] for v in timed.values()), 2),
+            "statements": sum(v[0] for v in timed.values()), "top_statements": _top(timed)}
+
+
+def _finish_task(p: dict) -> dict:
+    """The DAG's ``finish_scan`` task (deletions, fingerprints, the claim), then the lease given back: no encode
+    follows."""
+    from reindex import scan
+    from reindex.store.leases import release
+
+    cfg = _config(p["corpus"], p["corpus_uri"])
+    store = _store(p)
+    with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
+        cpu0, w0, t0 = _cpu_seconds(), time.time(), time.perf_counter()
+        manifest = scan.finish_scan(store, cfg, batch_id=p["batch_id"], model_checksum=p["model_checksum"])
+        seconds, cpu, w1 = time.perf_counter() - t0, _cpu_seconds() - cpu0, time.time()
+        timed = dict(statements)
+        release(store, cfg.corpus, p["batch_id"])
+    keys = ("files", "read_files", "unchanged_files", "documents", "unchanged_documents", "failed_documents",
+            "deleted_documents", "chunks", "rechunked_chunks", "changed_chunks", "pending", "reused", "shards")
+    return {"seconds": round(seconds, 3), "client_cpu_s": round(cpu, 2), "wall": [w0, w1],
+            **{k: manifest.get(k) for k in keys}, "statements_s": round(sum(v[1] for v in timed.values()), 2),
+            "statements": sum(v[0] for v in timed.values()), "top_statements": _top(timed)}
 
 
 def _walk(p: dict, *, read: bool) -> dict:
@@ -322,26 +436,56 @@ def worker(params: dict) -> dict:
         out = _walk(params, read=task == "read")
     elif task == "fill":
         out = _fill(params)
+    elif task == "list":
+        out = _list_task(params)
+    elif task == "shard":
+        out = _shard_task(params)
+    elif task == "finish":
+        out = _finish_task(params)
     else:
-        raise ValueError(f"unknown scan worker task {task!r} (prepare, chunk, walk, read, fill)")
+        raise ValueError(f"unknown scan worker task {task!r} (prepare, chunk, walk, read, fill, list, shard, finish)")
     out["rss_mib"] = round(peak_rss_mib(), 1)
     return out
 
 
+def start_worker(params: dict, *, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    """Start ``python -m benchmarks.scan worker '<json>'`` in a fresh interpreter (as nice as this process). Its
+    output goes to temporary files, not pipes, so workers started together never block on a full pipe."""
+    cmd = [sys.executable, "-m", "benchmarks.scan", "worker", json.dumps(params)]
+    # closed by collect_worker, which every caller runs: the files outlive this function
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True)
+    proc.outputs = (out, err)  # type: ignore[attr-defined]
+    return proc, time.monotonic()
+
+
+def collect_worker(proc: subprocess.Popen, started: float, task: str, *, timeout: float = 6 * 3600) -> dict:
+    """Wait for a worker started by ``start_worker``; its JSON result with ``process_seconds`` added."""
+    out, err = proc.outputs  # type: ignore[attr-defined]
+    with out, err:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"scan worker {task} ran past {timeout:.0f} s and was killed") from None
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"scan worker {task} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"scan worker {task} printed no result:\n{stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    result["process_seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
 def run_worker(params: dict, *, env: dict | None = None, timeout: float = 6 * 3600) -> dict:
     """``python -m benchmarks.scan worker '<json>'`` in a fresh interpreter; its JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.scan", "worker", json.dumps(params)]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scan worker {params['task']} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"scan worker {params['task']} printed no result:\n{proc.stderr[-2000:]}")
-    out = json.loads(lines[-1])
-    out["process_seconds"] = round(time.monotonic() - started, 3)
-    return out
+    proc, started = start_worker(params, env=env)
+    return collect_worker(proc, started, params["task"], timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +511,143 @@ def _scan(label: str, params: dict, batch_id: str, env: dict | None = None) -> d
                   prepare_rss_mib=prepared["rss_mib"], model_checksum=prepared["model_checksum"],
                   total_s=round(prepared["seconds"] + result["seconds"], 3))
     return result
+
+
+def _merged_top(tops: list[list[dict]], n: int = 8) -> list[dict]:
+    """The scan-task processes' top statements added up by statement (each process reports its own top 8)."""
+    merged: dict[str, list] = {}
+    for top in tops:
+        for t in top:
+            entry = merged.setdefault(t["statement"], [0, 0.0])
+            entry[0] += t["calls"]
+            entry[1] += t["seconds"]
+    return _top(merged, n)
+
+
+def _sharded_scan(label: str, params: dict, batch_id: str, tasks: int, shard_bytes: int, shard_files: int,
+                  env: dict | None = None, *, heartbeat_apart: bool = False) -> dict:
+    """One sharded scan as the DAG runs it, each task in a process of its own: ``prepare``, ``list_corpus``, then
+    ``tasks`` concurrent scan-task processes that take the shards round-robin (each runs ``scan_shard`` for its
+    shards one after another on its own connection; no process is started for no shard), then ``finish_scan``.
+
+    ``seconds`` is list + shards + finish: the list's and finish's own seconds, and the shard stage's wall from
+    the first scan task starting its first shard to the last one done (interpreter start-up and imports left
+    out, as for ``chunk_corpus``'s seconds; ``shards_process_s`` has them). ``rss_mib`` is the highest peak RSS
+    of the three stages' processes, ``shard_rss_mib`` the highest of the scan-task processes."""
+    prepared = run_worker({**params, "task": "prepare"}, env=env)
+    common = {**params, "batch_id": batch_id, "model_checksum": prepared["model_checksum"]}
+    load = os.getloadavg()[0]
+    listed = run_worker({**common, "task": "list", "shard_bytes": shard_bytes, "shard_files": shard_files}, env=env)
+    shard_ids = [s["shard"] for s in listed["shards"]]
+    groups = [g for g in (shard_ids[i::tasks] for i in range(tasks)) if g]
+    t0 = time.monotonic()
+    started = [start_worker({**common, "task": "shard", "shards": g, "heartbeat_apart": heartbeat_apart}, env=env)
+               for g in groups]
+    workers = [collect_worker(proc, at, "shard") for proc, at in started]
+    shards_process_s = time.monotonic() - t0
+    finished = run_worker({**common, "task": "finish"}, env=env)
+    shards_s = max(w["wall"][1] for w in workers) - min(w["wall"][0] for w in workers) if workers else 0.0
+    stages = {"list": listed, "finish": finished}
+    result = {
+        "label": label, "tasks": tasks, "processes": len(groups), "shards": len(shard_ids),
+        "heartbeat_apart": heartbeat_apart,
+        "shard_bytes": shard_bytes, "shard_files": shard_files,
+        "list_s": listed["seconds"], "shards_s": round(shards_s, 3), "finish_s": finished["seconds"],
+        "seconds": round(listed["seconds"] + shards_s + finished["seconds"], 3),
+        "shards_process_s": round(shards_process_s, 3),
+        "files": listed["files"], "read_files": listed["read_files"], "unchanged_files": listed["unchanged_files"],
+        "shard_read_files": sum(w["read_files"] for w in workers),
+        **{k: finished.get(k) for k in ("documents", "unchanged_documents", "failed_documents", "deleted_documents",
+                                        "chunks", "rechunked_chunks", "pending", "reused")},
+        "client_cpu_s": round(listed["client_cpu_s"] + finished["client_cpu_s"]
+                              + sum(w["client_cpu_s"] for w in workers), 2),
+        "statements_s": round(listed["statements_s"] + finished["statements_s"]
+                              + sum(w["statements_s"] for w in workers), 2),
+        "list_rss_mib": listed["rss_mib"], "finish_rss_mib": finished["rss_mib"],
+        "shard_rss_mib": max((w["rss_mib"] for w in workers), default=None),
+        "rss_mib": max([listed["rss_mib"], finished["rss_mib"]] + [w["rss_mib"] for w in workers]),
+        "task_seconds": [w["seconds"] for w in workers], "task_cpu_s": [w["client_cpu_s"] for w in workers],
+        "task_shards": [len(g) for g in groups],
+        "stages": {k: {"seconds": v["seconds"], "client_cpu_s": v["client_cpu_s"], "statements_s": v["statements_s"],
+                       "statements": v["statements"], "top_statements": v["top_statements"]}
+                   for k, v in stages.items()},
+        "shard_top_statements": _merged_top([w["top_statements"] for w in workers]),
+        "prepare_s": prepared["seconds"], "prepare_rss_mib": prepared["rss_mib"],
+        "model_checksum": prepared["model_checksum"], "load_before": round(load, 2),
+    }
+    log.info("scan %s: %s", label, {k: result.get(k) for k in ("seconds", "list_s", "shards_s", "finish_s", "shards",
+                                                                  "processes", "read_files", "documents", "chunks",
+                                                                  "rss_mib")})
+    return result
+
+
+def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, work: Path, single: dict, *,
+                  tasks: tuple[int, ...], apart_tasks: tuple[int, ...], shards: int, edited: list[int],
+                  night: int) -> dict:
+    """The sharded scans: full with each of ``tasks`` scan tasks (each on a fresh schema), full with each of
+    ``apart_tasks`` with the lease heartbeat outside the shard's transaction (``_heartbeat_apart``: a what-if,
+    schema dropped after), then, on the last ``tasks`` run's schema after stub vectors, unchanged and with
+    ``edited`` edited (the files are edited here and restored after). ``single``: the single-task runs of the
+    same benchmark run, for the ratios."""
+    shard_bytes = max(1, math.ceil(corpus["bytes"] / shards))  # ``shards`` shards of the corpus's bytes
+    shard_files = SHARD_FILES
+    keep = tasks[-1]
+    runs: dict[str, dict] = {}
+    for n in tasks:
+        sbase = {**base, "schema": f"{base['schema']}_t{n}"}
+        _drop_schema(uri, sbase["schema"])
+        runs[f"full_{n}"] = _sharded_scan(f"1. full scan, new corpus, {n} scan task{'s' if n > 1 else ''}", sbase,
+                                          f"scan-t{n}-1", n, shard_bytes, shard_files)
+        if n != keep:
+            _drop_schema(uri, sbase["schema"])
+    for n in apart_tasks:
+        sbase = {**base, "schema": f"{base['schema']}_a{n}"}
+        _drop_schema(uri, sbase["schema"])
+        runs[f"apart_{n}"] = _sharded_scan(f"1a. full scan, new corpus, {n} scan tasks, heartbeat apart (what-if)",
+                                           sbase, f"scan-a{n}-1", n, shard_bytes, shard_files, heartbeat_apart=True)
+        _drop_schema(uri, sbase["schema"])
+    kbase = {**base, "schema": f"{base['schema']}_t{keep}"}
+    fill = run_worker({**kbase, "task": "fill", "batch_id": f"scan-t{keep}-1",
+                       "model_checksum": runs[f"full_{keep}"]["model_checksum"]})
+    runs["unchanged"] = _sharded_scan("2. same corpus, unchanged", kbase, f"scan-t{keep}-2", keep, shard_bytes,
+                                      shard_files)
+    marker = work / "manifest.json"
+    corpus["edited"] = edited  # recorded before editing: a crash mid-edit is still restored next time
+    marker.write_text(json.dumps(corpus))
+    edit_documents(root, edited, night=night)
+    try:
+        runs["edited"] = _sharded_scan(f"3. {len(edited):,} documents edited", kbase, f"scan-t{keep}-3", keep,
+                                       shard_bytes, shard_files)
+    finally:
+        restore_documents(root, docs, edited, seed=corpus["seed"])
+        corpus["edited"] = []
+        marker.write_text(json.dumps(corpus))
+    runs["edited"]["edited_documents"] = len(edited)
+    for r in runs.values():
+        _rates(r)
+    one = runs[f"full_{tasks[0]}"]
+    for key in [f"full_{n}" for n in tasks] + [f"apart_{n}" for n in apart_tasks]:
+        r = runs[key]
+        r["speedup_vs_first"] = round(one["seconds"] / r["seconds"], 3)
+        r["x_single_task"] = round(r["seconds"] / single["full"]["seconds"], 4)
+    for key in ("unchanged", "edited"):
+        r = runs[key]
+        r["x_full"] = {str(n): round(r["seconds"] / runs[f"full_{n}"]["seconds"], 4) for n in tasks}
+        r["x_single_task_full"] = round(r["seconds"] / single["full"]["seconds"], 4)
+    # linear in the documents from the measured stages; the shard stage of the 1-task run divided by N assumes N
+    # free cores for the N scan tasks (this machine has 2), list and finish are one task each whatever N
+    full1 = runs[f"full_{tasks[0]}"]
+    extrapolated = {}
+    for n_docs in (1_000_000, 10_000_000):
+        f = n_docs / docs
+        extrapolated[str(n_docs)] = {
+            "list_s": round(full1["list_s"] * f), "finish_s": round(full1["finish_s"] * f),
+            "full_s_by_tasks": {str(n): round((full1["list_s"] + full1["shards_s"] * tasks[0] / n
+                                               + full1["finish_s"]) * f) for n in (1, 4, 16, 64)},
+            "unchanged_s": round(runs["unchanged"]["seconds"] * f), "edited_s": round(runs["edited"]["seconds"] * f)}
+    return {"tasks": list(tasks), "apart_tasks": list(apart_tasks), "shards_target": shards,
+            "shard_bytes": shard_bytes, "shard_files": shard_files, "kept_tasks": keep, "fill_seconds": fill["seconds"],
+            "runs": runs, "extrapolated": extrapolated}
 
 
 def _drop_schema(uri: str, schema: str) -> None:
@@ -408,12 +689,19 @@ def _rates(run: dict) -> None:
 
 
 def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs_docs: int = 2_000,
-        seed: int = 0, gcs: bool = True) -> dict:
+        seed: int = 0, gcs: bool = True, tasks: tuple[int, ...] = (1, 2, 4), apart_tasks: tuple[int, ...] = (2, 4),
+        shards: int = 24) -> dict:
     """The runs above; returns the results section (``runs`` keyed full / unchanged / edited / walk / read /
-    gcs_full / gcs_unchanged, ratios to the full scans, and a linear extrapolation to 1 M / 10 M documents)."""
+    gcs_full / gcs_unchanged, ratios to the full scans, and a linear extrapolation to 1 M / 10 M documents;
+    ``sharded``: the sharded scan's runs with each of ``tasks`` scan tasks, see ``_sharded_runs``; none when
+    ``tasks`` is empty; ``apart_tasks``: the what-if runs with the heartbeat apart). ``shards``: the shard bytes
+    are the corpus's bytes over this (24 shards: work for 1, 2 and 4 tasks alike)."""
     if docs < 1 or not 0 < edit_fraction < 1:
         raise ValueError(f"scan benchmark: docs must be ≥ 1 (got {docs}) and edit_fraction in (0, 1) "
                          f"(got {edit_fraction})")
+    if any(n < 1 for n in (*tasks, *apart_tasks)) or shards < 1:
+        raise ValueError(f"scan benchmark: scan tasks must be ≥ 1 (got {list(tasks)}, {list(apart_tasks)}) and "
+                         f"shards ≥ 1 (got {shards})")
     load_at_start = os.getloadavg()
     work = bench_dir(data_dir) / f"scan-{docs}"
     work.mkdir(parents=True, exist_ok=True)
@@ -433,6 +721,12 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
     runs["unchanged"] = _scan("2. same corpus, unchanged", base, "scan-2")
     marker = work / "manifest.json"
     edited = choose_edits(docs, edit_fraction, seed=seed + 1)
+    sharded = None
+    if tasks:
+        # the same documents edited (and restored after) for the sharded edited run; the full and unchanged
+        # sharded runs see the corpus the single-task runs 1 and 2 saw
+        sharded = _sharded_runs(uri, base, docs, corpus, root, work, runs, tasks=tuple(tasks),
+                                apart_tasks=tuple(apart_tasks), shards=shards, edited=edited, night=seed + 1)
     corpus["edited"] = edited  # recorded before editing: a crash mid-edit is still restored next time
     marker.write_text(json.dumps(corpus))
     edit_documents(root, edited, night=seed + 1)
@@ -464,14 +758,74 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
     return {"docs": docs, "bytes": corpus["bytes"], "per_folder": PER_FOLDER, "chars": [MIN_CHARS, MAX_CHARS],
             "edit_fraction": edit_fraction, "gcs_docs": min(gcs_docs, docs) if gcs else None,
             "chunks_per_document": round(full["chunks"] / full["documents"], 2),
-            "fill_seconds": fill["seconds"], "runs": runs, "extrapolated": extrapolated,
+            "fill_seconds": fill["seconds"], "runs": runs, "extrapolated": extrapolated, "sharded": sharded,
             "load_at_start": [round(x, 2) for x in load_at_start],
             "load_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
+def _cell(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}" if isinstance(v, float) and digits else f"{round(v):,}"
+
+
+def sharded_table(r: dict) -> str:
+    """The sharded scan's markdown (``r``: the ``scan`` section of a results JSON, with ``sharded``)."""
+    sh = r["sharded"]
+    runs, single = sh["runs"], r["runs"]
+    tasks = sh["tasks"]
+    out = [f"**Sharded scan** (`list_corpus` → `scan_shard` × shards → `finish_scan`, each task a process of its "
+           f"own; `prepare` before it, not counted), {r['docs']:,} documents, {r['bytes'] / 2**20:,.0f} MiB: "
+           f"shard bytes {sh['shard_bytes']:,} (the corpus over {sh['shards_target']}), shard files "
+           f"{sh['shard_files']:,}; N scan-task processes take the shards round-robin, each runs its shards one "
+           "after another on its own connection:", "",
+           "| run | scan tasks | shards | list s | shards s | finish s | total s | documents/s | chunks/s "
+           "| × 1 task | × single-task full | files read | chunks to embed | peak RSS MiB list / shard task / finish "
+           "| CPU s | in SQL s | load before |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    full = single["full"]
+    out.append(f"| single task (`chunk_corpus`), full, same run | 1 | – | – | – | – | {_cell(full['seconds'])} | "
+               f"{_cell(full.get('documents_per_s'), 0)} | {_cell(full.get('chunks_per_s'), 0)} | – | 100.0% | "
+               f"{_cell(full['read_files'])} | {_cell(full['pending'])} | {_cell(full['rss_mib'], 0)} (one task) | "
+               f"{_cell(full['client_cpu_s'])} | {_cell(full['statements_s'])} | {_cell(full['load_before'])} |")
+    for key in [f"full_{n}" for n in tasks] + [f"apart_{n}" for n in sh.get("apart_tasks", [])] + ["unchanged",
+                                                                                                 "edited"]:
+        x = runs[key]
+        rss = (f"{_cell(x['list_rss_mib'], 0)} / {_cell(x['shard_rss_mib'], 0) if x['shard_rss_mib'] else '–'} / "
+               f"{_cell(x['finish_rss_mib'], 0)}")
+        speed = f"{x['speedup_vs_first']:.2f} ×" if x.get("speedup_vs_first") else "–"
+        vs_single = x.get("x_single_task", x.get("x_single_task_full"))
+        out.append(f"| {x['label']} | {x['tasks']} ({x['processes']} started) | {x['shards']} | {_cell(x['list_s'])} | "
+                   f"{_cell(x['shards_s'])} | {_cell(x['finish_s'])} | {_cell(x['seconds'])} | "
+                   f"{_cell(x.get('documents_per_s'), 0)} | {_cell(x.get('chunks_per_s'), 0)} | {speed} | "
+                   f"{vs_single:.1%} | {_cell(x['read_files'])} | {_cell(x['pending'])} | {rss} | "
+                   f"{_cell(x['client_cpu_s'])} | {_cell(x['statements_s'])} | {_cell(x['load_before'])} |")
+    notes = []
+    for key in ("unchanged", "edited"):
+        x = runs[key]
+        ratios = ", ".join(f"{x['x_full'][str(n)]:.1%} of the {n}-task full scan" for n in tasks)
+        notes.append(f"{x['label']} (list + {'shards + ' if x['shards'] else ''}finish = {x['seconds']:.2f} s): "
+                     f"{ratios}; {x['x_single_task_full']:.1%} of the single-task full scan.")
+    out += ["", "Ratios: " + " ".join(notes)]
+    ex = sh["extrapolated"]
+    out += ["", "**Extrapolation, not measured** (linear in the documents from the 1-task sharded run's stages; "
+                "the shard stage divided by N assumes N free cores and a database that keeps up; list and finish are "
+                "one task each whatever N):", "",
+            "| documents | list s | finish s | full, 1 task | full, 4 tasks | full, 16 tasks | full, 64 tasks | "
+            "unchanged s | 1 % edited s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n_docs, v in ex.items():
+        f = v["full_s_by_tasks"]
+        out.append(f"| {int(n_docs):,} | {v['list_s']:,} | {v['finish_s']:,} | {f['1']:,} | {f['4']:,} | {f['16']:,} | "
+                   f"{f['64']:,} | {v['unchanged_s']:,} | {v['edited_s']:,} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "report":
+        sys.stdout.write(sharded_table(json.loads(Path(sys.argv[2]).read_text())["scan"]) + "\n")
+        raise SystemExit(0)
     if len(sys.argv) != 3 or sys.argv[1] != "worker":
-        raise SystemExit("usage: python -m benchmarks.scan worker '<json params>'")
+        raise SystemExit("usage: python -m benchmarks.scan worker '<json params>' | report <results.json>")
     logging.basicConfig(level=logging.WARNING)
     result = worker(json.loads(sys.argv[2]))
     sys.stdout.write("\n" + json.dumps(result) + "\n")

@@ -70,3 +70,43 @@ def test_scan_corpus_is_one_small_file_per_document_and_edits_are_undone(tmp_pat
     assert (walk["files"], walk["read_files"], walk["unchanged_files"], walk["documents"]) == (1_500, 0, 1_500, 0)
     assert (read["files"], read["read_files"], read["documents"], read["chars"]) == (1_500, 1_500, 1_500,
                                                                                     sum(map(len, texts)))
+
+
+def test_scan_sharded_mode_at_a_tiny_size_matches_the_single_task_scan(tmp_path, store_uri):
+    """The sharded runs' processes (list, concurrent scan tasks taking the shards round-robin, finish) against the
+    store: the same documents, chunks and claim as ``chunk_corpus``; unchanged, no shard and no file read."""
+    import math
+    import uuid
+
+    from benchmarks import scan
+
+    root = tmp_path / "corpus"
+    size = scan.write_txt_corpus(root, 40, seed=5)
+    tag = uuid.uuid4().hex[:8]
+    schemas = [f"bench_scan_{tag}_{k}" for k in ("single", "sharded", "apart")]
+    base = {"uri": store_uri, "corpus": scan.CORPUS, "corpus_uri": str(root)}
+    shard_bytes = math.ceil(size / 4)
+    try:
+        single = scan._scan("single", {**base, "schema": schemas[0]}, "b-single")
+        sharded = scan._sharded_scan("sharded", {**base, "schema": schemas[1]}, "b-1", 3, shard_bytes, 20_000)
+        assert (sharded["shards"], sharded["processes"], sharded["task_shards"]) == (4, 3, [2, 1, 1])
+        keys = ("documents", "chunks", "rechunked_chunks", "pending", "read_files")
+        assert {k: sharded[k] for k in keys} == {k: single[k] for k in keys}
+        assert (sharded["documents"], sharded["read_files"], sharded["shard_read_files"]) == (40, 40, 40)
+        assert sharded["seconds"] == round(sharded["list_s"] + sharded["shards_s"] + sharded["finish_s"], 3)
+        assert sharded["shard_rss_mib"] > 0 and sharded["rss_mib"] >= sharded["shard_rss_mib"]
+
+        # unchanged: the listing leaves every file unread, so there is no shard and no scan-task process
+        unchanged = scan._sharded_scan("unchanged", {**base, "schema": schemas[1]}, "b-2", 3, shard_bytes, 20_000)
+        assert (unchanged["shards"], unchanged["processes"], unchanged["read_files"], unchanged["unchanged_files"],
+                unchanged["documents"], unchanged["shards_s"]) == (0, 0, 0, 40, 40, 0.0)
+        assert unchanged["pending"] == single["chunks"]  # no vectors were loaded: every chunk is claimed again
+
+        # the what-if: the same results with the heartbeat on a connection of its own
+        apart = scan._sharded_scan("apart", {**base, "schema": schemas[2]}, "b-3", 2, shard_bytes, 20_000,
+                                   heartbeat_apart=True)
+        assert {k: apart[k] for k in keys} == {k: single[k] for k in keys}
+        assert (apart["processes"], apart["task_shards"], apart["heartbeat_apart"]) == (2, [2, 2], True)
+    finally:
+        for schema in schemas:
+            scan._drop_schema(store_uri, schema)
