@@ -177,6 +177,10 @@ def _error_text(e: BaseException) -> str:
     """A one-line reason for an exception raised while reading a path."""
     if isinstance(e, PermissionError):
         return "permission denied"
+    if isinstance(e, OSError) and str(e).startswith("Forbidden:"):
+        # gcsfs's 403: "Forbidden: <request URL>\n<the service's message>"
+        detail = " ".join(str(e).split("\n", 1)[1].split()) if "\n" in str(e) else ""
+        return f"permission denied ({detail})" if detail else "permission denied"
     code = getattr(e, "errno", None)
     if code == errno.ELOOP:
         return "symlink loop (too many levels of symbolic links)"

@@ -152,8 +152,8 @@ def test_a_run_spreads_over_two_celery_workers(celery_stack, corpus, store_uri, 
     assert state == "success", f"run ended {state}; logs: {_tails(logs)}"
 
     with connect(store_uri, autocommit=True) as conn:
-        store = Store(conn)
-        st = corpus_status(store, "celery_two")
+        dag_store = Store(conn)
+        st = corpus_status(dag_store, "celery_two")
         assert st["documents"]["OK"] == DOCS and st["chunks_total"] == DOCS
         assert st["chunks"] == {"READY": DOCS, "PENDING": 0, "FAILED": 0} and st["lease"] is None
         assert (st["last_batch"]["status"], st["last_batch"]["ready"]) == ("COMPLETED", DOCS)

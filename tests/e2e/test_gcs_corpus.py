@@ -71,3 +71,35 @@ def test_an_object_that_vanishes_mid_scan_fails_alone(vertex_env, monkeypatch):
     assert [d.doc_id for d in items if isinstance(d, Document)] == ["d0.txt", "d2.txt"]
     (failed,) = [d for d in items if isinstance(d, FailedDocument)]
     assert failed.doc_id == "d1.txt" and failed.error_code == "UNREADABLE" and "not readable" in failed.reason
+
+
+def test_a_denied_object_fails_alone_and_keeps_its_document(dagbag, corpus_dag, vertex_env, store_conn):
+    """An object the reader may list but not read (403, as with a listing-only role): its document fails
+    UNREADABLE with the reason, every other document is READY, and once it can be read again the next run
+    heals it."""
+    from psycopg import sql
+
+    from reindex.emulators.gcs import denied_downloads
+
+    bucket = _bucket()
+    for i in range(4):
+        bucket.blob(f"denied/d{i}.txt").upload_from_string(f"Shared document {i} about tide tables.")
+    conf = {"corpus": "gs_denied", "corpus_uri": f"gs://{BUCKET}/denied/", "backend": "local"}
+    assert corpus_dag.test(run_conf=conf).state == "success"
+    bucket.blob("denied/d2.txt").upload_from_string("Shared document 2, edited, now restricted.")
+    with denied_downloads([f"{BUCKET}/denied/d2.txt"]):
+        dr = corpus_dag.test(run_conf=conf)
+    assert dr.state == "success", _states(dr)
+    rows = dict(store_conn.execute(sql.SQL("""SELECT doc_id, status || ':' || coalesce(error_code, '') || ':' ||
+        coalesce(error_message, '') FROM {} WHERE corpus = 'gs_denied'""").format(store_conn.t("documents"))).fetchall())
+    assert set(rows) == {"d0.txt", "d1.txt", "d2.txt", "d3.txt"}
+    assert rows["d2.txt"] == ("FAILED:UNREADABLE:d2.txt: not readable: permission denied (caller does not have "
+                              "storage.objects.get access to the Google Cloud Storage object "
+                              f"{BUCKET}/denied/d2.txt)")
+    st = corpus_status(store_conn, "gs_denied")
+    assert st["chunks"] == {"READY": 3, "PENDING": 0, "FAILED": 0}  # a failed document has no chunk
+    # readable again: the next run reads it (a file with a failed document is always read) and heals it
+    dr = corpus_dag.test(run_conf=conf)
+    assert dr.state == "success"
+    st = corpus_status(store_conn, "gs_denied")
+    assert st["documents"] == {"OK": 4, "FAILED": 0} and st["chunks"] == {"READY": 4, "PENDING": 0, "FAILED": 0}

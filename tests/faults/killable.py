@@ -7,10 +7,13 @@ transaction — writes the ``marker`` file and sleeps until it is killed:
 - ``hang: "merge"``: after ``CorpusWriter.merge`` ran every statement of the scan's merge, before its
   transaction commits (``chunk_corpus`` merges and claims in one transaction);
 - ``hang: "load_block", block: N``: in the transaction of the N-th vector block of ``encode_partition``,
-  after its chunks were flipped READY (and their old vectors deleted), before its COPY.
+  after its chunks were flipped READY (and their old vectors deleted), before its COPY;
+- ``hang: "shard_merge"``: after a scan shard's merge (ownership, documents and chunks upserted), before its
+  transaction commits.
 
-Steps (``steps``, in order): ``chunk`` (``pipeline.chunk_corpus``), ``encode`` (``pipeline.plan`` then
-``pipeline.encode_partition`` of each partition with ``HashEncoder``). The child never loads torch: it
+Steps (``steps``, in order): ``chunk`` (``pipeline.chunk_corpus``), ``shard`` (``scan.scan_shard`` of shard
+``shard`` of a listed batch), ``encode`` (``pipeline.plan`` then ``pipeline.encode_partition`` of each partition
+with ``HashEncoder``). The child never loads torch: it
 starts in about a second. Reaching the end without being killed exits with status 3.
 """
 
@@ -82,6 +85,16 @@ def _install_hook(args: dict) -> None:
             return payload(*a, **kw)
 
         vectors.copy_binary_payload = payload_or_hang
+    elif args["hang"] == "shard_merge":
+        from reindex.store import scan as scan_store
+
+        merge_shard = scan_store.merge_shard
+
+        def merge_shard_then_hang(*a, **kw):
+            merge_shard(*a, **kw)
+            _hang(args["marker"])
+
+        scan_store.merge_shard = merge_shard_then_hang
     else:
         raise SystemExit(f"unknown hang point {args['hang']!r}")
 
@@ -104,6 +117,10 @@ def main(raw: str) -> int:
                 pipeline.chunk_corpus(store, cfg, Path(cfg.corpus_uri), batch_id=args["batch_id"],
                                       model_checksum=spec.checksum, dag_run_id=args.get("run_id"),
                                       dag_id=args.get("dag_id"))
+            elif step == "shard":
+                from reindex import scan
+
+                scan.scan_shard(store, cfg, Path(cfg.corpus_uri), batch_id=args["batch_id"], shard=args["shard"])
             elif step == "encode":
                 for part in pipeline.plan(store, cfg, args["batch_id"]):
                     pipeline.encode_partition(store, cfg, part, model_checksum=spec.checksum,

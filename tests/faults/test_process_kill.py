@@ -143,3 +143,62 @@ def test_a_task_killed_mid_merge_leaves_the_store_as_it_was(store, store_uri, tm
         f"d{i:02d}.txt" for i in range(20, 24)]) == {
         "documents": {"OK": 22, "FAILED": 0}, "failed_documents": {},
         "chunks": {"READY": 22, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 22}
+
+
+def test_a_scan_shard_killed_mid_merge_is_retried_into_the_same_result(store, store_uri, tmp_path, spawn):
+    """The sharded scan of an edited corpus (3 changed, 2 deleted, 4 added; one file per shard): a scan_shard task
+    is killed after its merge ran, before its commit. Nothing of it is visible; the other shards' writes stand;
+    nothing was deleted. Its retry, the other shards and finish_scan give exactly the single-task scan's counts,
+    and the batch completes."""
+    from reindex import scan
+
+    corpus = "fault_kill_shard"
+    root = tmp_path / "kb"
+    root.mkdir()
+
+    def write(i: int, text: str) -> None:
+        (root / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
+
+    for i in range(20):
+        write(i, f"Lighthouse {i} stands on a rock and warns ships with a light of period {i + 3} seconds.")
+    cfg = ReindexConfig(corpus=corpus, corpus_uri=str(root))
+    _register(store, corpus)
+    scan.sharded_scan(store, cfg, root, batch_id="shard-b1", model_checksum=HASH_SPEC.checksum, shard_bytes=1,
+                      shard_files=1)
+    _complete(store, cfg, "shard-b1")
+    assert pipeline.finish_batch(store, cfg, "shard-b1", HASH_SPEC.checksum).status.value == "COMPLETED"
+
+    for i in range(3):
+        write(i, f"Lighthouse {i} was automated; its keeper left in {1950 + i}.")
+    for i in (18, 19):
+        (root / f"d{i:02d}.txt").unlink()
+    for i in range(20, 24):
+        write(i, f"Lighthouse {i} is new: a steel tower with a solar-powered lantern number {i}.")
+    listed = scan.list_corpus(store, cfg, root, batch_id="shard-b2", model_checksum=HASH_SPEC.checksum,
+                              shard_bytes=1, shard_files=1)
+    # the 15 untouched files are left unread; the 3 changed and 4 new ones are read, one per shard
+    assert (listed["unchanged_files"], [s["entries"] for s in listed["shards"]]) == (15, [1] * 7)
+    scan.scan_shard(store, cfg, root, batch_id="shard-b2", shard=1)  # d01.txt, changed
+    before = _snapshot(store, corpus)
+
+    child = spawn(dsn=store_uri, schema=store.schema, app="fault-kill-shard", config=cfg.to_dict(),
+                  spec=HASH_SPEC.to_dict(), batch_id="shard-b2", steps=["shard"], shard=0, hang="shard_merge")
+    child.wait_reached()
+    assert _snapshot(store, corpus) == before  # shard 0 merged, uncommitted: nothing visible
+    child.kill(store)
+    assert _snapshot(store, corpus) == before  # rolled back; the two deleted documents are still there
+    assert {"d18.txt", "d19.txt"} <= {r[0] for r in before["documents"]}
+
+    for s in listed["shards"]:  # the killed shard's retry, and the rest (shard 1 again: nothing changes)
+        scan.scan_shard(store, cfg, root, batch_id="shard-b2", shard=s["shard"])
+    manifest = scan.finish_scan(store, cfg, batch_id="shard-b2", model_checksum=HASH_SPEC.checksum)
+    assert {k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks", "pending",
+                                     "reused")} == {"documents": 22, "unchanged_documents": 15,
+                                                    "deleted_documents": 2, "chunks": 22, "pending": 7, "reused": 15}
+    assert sum(o["ready"] for o in _complete(store, cfg, "shard-b2")) == 7
+    summary = pipeline.finish_batch(store, cfg, "shard-b2", HASH_SPEC.checksum)
+    assert (summary.status.value, summary.total, summary.ready, summary.reused) == ("COMPLETED", 7, 7, 15)
+    assert check_invariants(store, corpus, good_docs=[f"d{i:02d}.txt" for i in range(18)] + [
+        f"d{i:02d}.txt" for i in range(20, 24)]) == {
+        "documents": {"OK": 22, "FAILED": 0}, "failed_documents": {},
+        "chunks": {"READY": 22, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 22}

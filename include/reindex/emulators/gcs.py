@@ -79,6 +79,39 @@ def start_gcs_emulator(host: str = "127.0.0.1", port: int = 0, *, buckets: Itera
 
 
 @contextlib.contextmanager
+def denied_downloads(object_names: Iterable[str]) -> Iterator[None]:
+    """While inside, the emulator (every instance in this process) answers a download of any of
+    ``object_names`` (``bucket/object``) with 403 Forbidden, as GCS does for a caller without
+    ``storage.objects.get`` on it; listing and metadata still work, as they do with a listing-only role."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    denied = set(object_names)
+
+    def guard(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            media = handler is objects.download or (request.query.get("alt") or [""])[0] == "media"
+            name = f"{request.params.get('bucket_name')}/{request.params.get('object_id')}"
+            if media and name in denied:
+                response.status = HTTPStatus.FORBIDDEN
+                response.json({"error": {"code": 403, "message": f"caller does not have storage.objects.get "
+                                                                 f"access to the Google Cloud Storage object {name}"}})
+                return None
+            return handler(request, response, storage, *args, **kwargs)
+        return handle
+
+    original = server.HANDLERS
+    server.HANDLERS = tuple((regex, {m: guard(h) if h in (objects.download, objects.get) else h
+                                     for m, h in handlers.items()}) for regex, handlers in original)
+    try:
+        yield
+    finally:
+        server.HANDLERS = original
+
+
+@contextlib.contextmanager
 def gcs_emulator(host: str = "127.0.0.1", port: int = 0, *, buckets: Iterable[str] = (),
                  data_dir: str | None = None, set_env: bool = True) -> Iterator[str]:
     """Context manager around ``start_gcs_emulator``; yields the URL."""

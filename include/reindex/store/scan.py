@@ -254,12 +254,15 @@ def _remember_files(store: Store, corpus: str, batch_id: str, chunking: str) -> 
 def _counts(store: Store, corpus: str, batch_id: str) -> dict:
     """What the scan found, counted from the store after the merge (the same figures as a single-task scan)."""
     t = store.t
+    # written by this batch (new, changed, failed) or left as it was: by the document's last batch, not by how the
+    # last attempt of a shard staged it — a shard rerun finds its own first attempt's documents unchanged
     ok, failed, unchanged, rechunked, seen = store.one(sql.SQL("""SELECT
             count(*) FILTER (WHERE d.status = 'OK'), count(*) FILTER (WHERE d.status = 'FAILED'),
-            count(*) FILTER (WHERE s.unchanged),
-            coalesce(sum(d.chunk_count) FILTER (WHERE NOT s.unchanged AND d.status = 'OK'), 0), count(*)
+            count(*) FILTER (WHERE d.status = 'OK' AND d.last_batch_id IS DISTINCT FROM %s),
+            coalesce(sum(d.chunk_count) FILTER (WHERE d.status = 'OK' AND d.last_batch_id = %s), 0), count(*)
         FROM {seen} s JOIN {documents} d ON d.corpus = %s AND d.doc_id = s.doc_id
-        WHERE s.batch_id = %s""").format(seen=t("scan_seen"), documents=t("documents")), (corpus, batch_id))
+        WHERE s.batch_id = %s""").format(seen=t("scan_seen"), documents=t("documents")),
+        (batch_id, batch_id, corpus, batch_id))
     (unread,) = store.one(sql.SQL("""SELECT count(*) FROM {documents} d WHERE d.corpus = %s AND d.source_uri IN (
             SELECT source_uri FROM {files} WHERE batch_id = %s AND unchanged)""").format(
         documents=t("documents"), files=t("scan_files")), (corpus, batch_id))
