@@ -6,6 +6,7 @@ short temporary directory (Unix-socket paths are limited), and deleted at exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -45,8 +46,8 @@ def store_uri() -> str:
     return os.environ["REINDEX_STORE_URI"]
 
 
-@pytest.fixture
-def store(store_uri):
+@contextlib.contextmanager
+def fresh_store(store_uri: str):
     """A ``Store`` in a fresh, migrated schema of its own, dropped afterwards."""
     import psycopg
     from psycopg import sql
@@ -57,9 +58,18 @@ def store(store_uri):
     conn = psycopg.connect(store_uri, autocommit=True)
     s = Store(conn, f"t_{uuid.uuid4().hex[:10]}")
     ensure_schema(s)
-    yield s
-    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(s.schema)))
-    conn.close()
+    try:
+        yield s
+    finally:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(s.schema)))
+        conn.close()
+
+
+@pytest.fixture
+def store(store_uri):
+    """A ``Store`` in a fresh, migrated schema of its own, dropped afterwards."""
+    with fresh_store(store_uri) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,40 @@ def test_a_task_killed_mid_load_is_retried_into_a_complete_batch(store, store_ur
         "chunks": {"READY": 600, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 600}
 
 
+def _lighthouses(root: Path) -> Path:
+    """20 one-chunk documents ``d00.txt`` … ``d19.txt``."""
+    root.mkdir()
+    for i in range(20):
+        (root / f"d{i:02d}.txt").write_text(
+            f"Lighthouse {i} stands on a rock and warns ships with a light of period {i + 3} seconds.", encoding="utf-8")
+    return root
+
+
+def _edit_lighthouses(root: Path) -> None:
+    """3 documents changed, 2 deleted, 4 added: 22 documents, 7 new texts."""
+    for i in range(3):
+        (root / f"d{i:02d}.txt").write_text(f"Lighthouse {i} was automated; its keeper left in {1950 + i}.",
+                                           encoding="utf-8")
+    for i in (18, 19):
+        (root / f"d{i:02d}.txt").unlink()
+    for i in range(20, 24):
+        (root / f"d{i:02d}.txt").write_text(
+            f"Lighthouse {i} is new: a steel tower with a solar-powered lantern number {i}.", encoding="utf-8")
+
+
+def _check_edited_manifest(manifest: dict) -> None:
+    assert {k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks", "pending",
+                                     "reused")} == {"documents": 22, "unchanged_documents": 15,
+                                                    "deleted_documents": 2, "chunks": 22, "pending": 7, "reused": 15}
+
+
+def _check_edited_lighthouses(store, corpus: str) -> None:
+    assert check_invariants(store, corpus, good_docs=[f"d{i:02d}.txt" for i in range(18)] + [
+        f"d{i:02d}.txt" for i in range(20, 24)]) == {
+        "documents": {"OK": 22, "FAILED": 0}, "failed_documents": {},
+        "chunks": {"READY": 22, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 22}
+
+
 def _snapshot(store, corpus: str) -> dict:
     """Every row the scan's merge may touch: documents, chunks, vectors, batches."""
     from reindex.store.vectors import get_embedding_store
@@ -95,14 +129,7 @@ def test_a_task_killed_mid_merge_leaves_the_store_as_it_was(store, store_uri, tm
     after every statement of its merge ran, before the commit: documents, chunks, vectors and batches are
     exactly as before. The retry (same batch) merges and claims exactly the 7 new texts."""
     corpus = "fault_kill_merge"
-    root = tmp_path / "kb"
-    root.mkdir()
-
-    def write(i: int, text: str) -> None:
-        (root / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
-
-    for i in range(20):
-        write(i, f"Lighthouse {i} stands on a rock and warns ships with a light of period {i + 3} seconds.")
+    root = _lighthouses(tmp_path / "kb")
     cfg = ReindexConfig(corpus=corpus, corpus_uri=str(root))
     _register(store, corpus)
     pipeline.chunk_corpus(store, cfg, root, batch_id="merge-b1", model_checksum=HASH_SPEC.checksum)
@@ -111,12 +138,7 @@ def test_a_task_killed_mid_merge_leaves_the_store_as_it_was(store, store_uri, tm
     before = _snapshot(store, corpus)
     assert (len(before["documents"]), len(before["chunks"]), len(before["vectors"])) == (20, 20, 20)
 
-    for i in range(3):
-        write(i, f"Lighthouse {i} was automated; its keeper left in {1950 + i}.")
-    for i in (18, 19):
-        (root / f"d{i:02d}.txt").unlink()
-    for i in range(20, 24):
-        write(i, f"Lighthouse {i} is new: a steel tower with a solar-powered lantern number {i}.")
+    _edit_lighthouses(root)
 
     child = spawn(dsn=store_uri, schema=store.schema, app="fault-kill-merge", config=cfg.to_dict(),
                   spec=HASH_SPEC.to_dict(), batch_id="merge-b2", steps=["chunk"], hang="merge")
@@ -132,17 +154,12 @@ def test_a_task_killed_mid_merge_leaves_the_store_as_it_was(store, store_uri, tm
     assert get_lease(store, corpus).batch_id == "merge-b2"
 
     manifest = pipeline.chunk_corpus(store, cfg, root, batch_id="merge-b2", model_checksum=HASH_SPEC.checksum)
-    assert {k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks", "pending",
-                                     "reused")} == {"documents": 22, "unchanged_documents": 15,
-                                                    "deleted_documents": 2, "chunks": 22, "pending": 7, "reused": 15}
+    _check_edited_manifest(manifest)
     outs = _complete(store, cfg, "merge-b2")
     assert sum(o["ready"] for o in outs) == 7
     summary = pipeline.finish_batch(store, cfg, "merge-b2", HASH_SPEC.checksum)
     assert (summary.status.value, summary.total, summary.ready, summary.reused) == ("COMPLETED", 7, 7, 15)
-    assert check_invariants(store, corpus, good_docs=[f"d{i:02d}.txt" for i in range(18)] + [
-        f"d{i:02d}.txt" for i in range(20, 24)]) == {
-        "documents": {"OK": 22, "FAILED": 0}, "failed_documents": {},
-        "chunks": {"READY": 22, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 22}
+    _check_edited_lighthouses(store, corpus)
 
 
 def test_a_scan_shard_killed_mid_merge_is_retried_into_the_same_result(store, store_uri, tmp_path, spawn):
@@ -153,14 +170,7 @@ def test_a_scan_shard_killed_mid_merge_is_retried_into_the_same_result(store, st
     from reindex import scan
 
     corpus = "fault_kill_shard"
-    root = tmp_path / "kb"
-    root.mkdir()
-
-    def write(i: int, text: str) -> None:
-        (root / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
-
-    for i in range(20):
-        write(i, f"Lighthouse {i} stands on a rock and warns ships with a light of period {i + 3} seconds.")
+    root = _lighthouses(tmp_path / "kb")
     cfg = ReindexConfig(corpus=corpus, corpus_uri=str(root))
     _register(store, corpus)
     scan.sharded_scan(store, cfg, root, batch_id="shard-b1", model_checksum=HASH_SPEC.checksum, shard_bytes=1,
@@ -168,12 +178,7 @@ def test_a_scan_shard_killed_mid_merge_is_retried_into_the_same_result(store, st
     _complete(store, cfg, "shard-b1")
     assert pipeline.finish_batch(store, cfg, "shard-b1", HASH_SPEC.checksum).status.value == "COMPLETED"
 
-    for i in range(3):
-        write(i, f"Lighthouse {i} was automated; its keeper left in {1950 + i}.")
-    for i in (18, 19):
-        (root / f"d{i:02d}.txt").unlink()
-    for i in range(20, 24):
-        write(i, f"Lighthouse {i} is new: a steel tower with a solar-powered lantern number {i}.")
+    _edit_lighthouses(root)
     listed = scan.list_corpus(store, cfg, root, batch_id="shard-b2", model_checksum=HASH_SPEC.checksum,
                               shard_bytes=1, shard_files=1)
     # the 15 untouched files are left unread; the 3 changed and 4 new ones are read, one per shard
@@ -192,13 +197,8 @@ def test_a_scan_shard_killed_mid_merge_is_retried_into_the_same_result(store, st
     for s in listed["shards"]:  # the killed shard's retry, and the rest (shard 1 again: nothing changes)
         scan.scan_shard(store, cfg, root, batch_id="shard-b2", shard=s["shard"])
     manifest = scan.finish_scan(store, cfg, batch_id="shard-b2", model_checksum=HASH_SPEC.checksum)
-    assert {k: manifest[k] for k in ("documents", "unchanged_documents", "deleted_documents", "chunks", "pending",
-                                     "reused")} == {"documents": 22, "unchanged_documents": 15,
-                                                    "deleted_documents": 2, "chunks": 22, "pending": 7, "reused": 15}
+    _check_edited_manifest(manifest)
     assert sum(o["ready"] for o in _complete(store, cfg, "shard-b2")) == 7
     summary = pipeline.finish_batch(store, cfg, "shard-b2", HASH_SPEC.checksum)
     assert (summary.status.value, summary.total, summary.ready, summary.reused) == ("COMPLETED", 7, 7, 15)
-    assert check_invariants(store, corpus, good_docs=[f"d{i:02d}.txt" for i in range(18)] + [
-        f"d{i:02d}.txt" for i in range(20, 24)]) == {
-        "documents": {"OK": 22, "FAILED": 0}, "failed_documents": {},
-        "chunks": {"READY": 22, "PENDING": 0, "FAILED": 0}, "failed_chunks": {}, "vectors": 22}
+    _check_edited_lighthouses(store, corpus)

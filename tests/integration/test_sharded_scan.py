@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 
-import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +21,7 @@ from reindex.config import ReindexConfig
 from reindex.corpus import CorpusReader, split_large_file
 from reindex.errors import StoreError
 from reindex.store import Store, leases
-from reindex.store.schema import ensure_schema
+from tests.conftest import fresh_store
 
 from .test_change_detection import Opened
 
@@ -33,12 +31,8 @@ TEXT = ("Glaciers carve valleys as they grind down mountain slopes. Honey bees p
 
 @pytest.fixture
 def store2(store_uri):
-    conn = psycopg.connect(store_uri, autocommit=True)
-    s = Store(conn, f"t_{uuid.uuid4().hex[:10]}")
-    ensure_schema(s)
-    yield s
-    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(s.schema)))
-    conn.close()
+    with fresh_store(store_uri) as s:
+        yield s
 
 
 def _jsonl(path, records: list, bad_at: int | None = None) -> None:
