@@ -201,3 +201,17 @@ def scan_shard_files() -> int:
     """``REINDEX_SCAN_SHARD_FILES``: at most this many files in one scan shard (default 20,000): many small
     files cost per-file work (open, fingerprint) that bytes do not show. Grown like the bytes."""
     return _count("REINDEX_SCAN_SHARD_FILES", 20_000)
+
+
+def index_build_memory_mb() -> int:
+    """``REINDEX_INDEX_BUILD_MEMORY_MB``: the most ``maintenance_work_mem`` an HNSW build may ask for (default
+    4096). The build asks for what its graph needs (measured: about the vector's bytes + 48 bytes per ``m`` per
+    vector, e.g. 2.2 KB for a 384-d ``vector``) and no more; a graph larger than this cap spills to disk and the
+    build runs about 2× slower (pgvector logs "no longer fits into maintenance_work_mem")."""
+    return _count("REINDEX_INDEX_BUILD_MEMORY_MB", 4096)
+
+
+def index_build_workers() -> int:
+    """``REINDEX_INDEX_BUILD_WORKERS``: ``max_parallel_maintenance_workers`` of an index build (default 2; the
+    server's ``max_parallel_workers`` and ``max_worker_processes`` cap it too)."""
+    return _count("REINDEX_INDEX_BUILD_WORKERS", 2)

@@ -162,6 +162,28 @@ def test_ivfflat_index(store, emb):
     assert "ivfflat" in indexdef
 
 
+def test_hnsw_build_memory_is_sized_from_the_rows_and_capped(store, emb, monkeypatch, caplog):
+    """maintenance_work_mem for the build: what the graph needs (measured per-vector bytes), never above
+    REINDEX_INDEX_BUILD_MEMORY_MB — and a build over the cap says so; the index is built either way."""
+    from reindex.store.vectors import hnsw_build_memory_mb
+
+    # 1M 384-d vectors: measured 2,116 MiB of build memory (benchmarks/vectors_scale.py)
+    assert 2116 < hnsw_build_memory_mb(1_000_000, 384, "vector") < 1.4 * 2116
+    assert hnsw_build_memory_mb(1_000_000, 384, "halfvec") < hnsw_build_memory_mb(1_000_000, 384, "vector")
+    assert hnsw_build_memory_mb(10, 384, "vector") == 64  # never below PostgreSQL's default
+    _scan(store, "kb", "b1", {f"d{i}": [f"t{i}"] for i in range(300)})
+    rows = _chunks(store, "kb")
+    load_vectors(store, emb, [r[4] for r in rows], [r[3] for r in rows], _unit(300))
+    monkeypatch.setenv("REINDEX_INDEX_BUILD_MEMORY_MB", "1")
+    monkeypatch.setenv("REINDEX_INDEX_BUILD_WORKERS", "1")
+    with caplog.at_level("INFO", logger="reindex.store.vectors"):
+        index = build_index(store, emb, IndexType.HNSW)
+    assert "needs about 64 MB of maintenance_work_mem; REINDEX_INDEX_BUILD_MEMORY_MB caps it at 1 MB" in caplog.text
+    assert "(300 rows, maintenance_work_mem 1MB)" in caplog.text
+    assert store.one("SELECT count(*) FROM pg_indexes WHERE indexname = %s", (index,)) == (1,)
+    assert store.one("SHOW maintenance_work_mem") == ("64MB",)  # set for the build only
+
+
 def test_retry_claims_only_retriable_failures_and_repairs_them(store, emb):
     _scan(store, "kb", "b1", {"d1": ["alpha beta gamma delta", "bad\x07text", "fine", "gone", "busy"]})
     with store.conn.transaction():

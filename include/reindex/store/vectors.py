@@ -11,6 +11,7 @@ has the content hash it was computed from. A store keeps float32 (``vector``) or
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -351,11 +352,26 @@ def mark_failed(store: Store, failures: Iterable[tuple[int, ErrorCode | str, str
     return _record_failures(store, "bigint", rows, sql.SQL("c.id = f.key"))
 
 
+def hnsw_build_memory_mb(rows: int, dim: int, storage: str, m: int = 16) -> int:
+    """What an HNSW build of ``rows`` vectors needs in ``maintenance_work_mem`` to keep its graph in memory, in MB:
+    measured (benchmarks/vectors_scale.py, pgvector 0.8) at about the vector's own bytes + 48 bytes per ``m``
+    per vector — 2.2 KB for 384-d ``vector``, 1.45 KB 384-d ``halfvec``, 3.75 KB 768-d ``vector`` — plus a
+    quarter for headroom; at least PostgreSQL's default 64 MB."""
+    per_vector = dim * (2 if storage == Storage.HALFVEC.value else 4) + 48 * m
+    return max(64, math.ceil(rows * per_vector * 1.25 / (1 << 20)))
+
+
 def build_index(store: Store, emb: EmbeddingStore, index_type: IndexType = IndexType.HNSW, *,
                 hnsw_m: int = 16, hnsw_ef_construction: int = 64, ivfflat_lists: int | None = None,
-                maintenance_work_mem: str = "512MB") -> str | None:
+                maintenance_work_mem: str | None = None) -> str | None:
     """Build the cosine index of ``emb`` if it is missing (``vector_cosine_ops`` or ``halfvec_cosine_ops``, by
-    the store's column type), then ANALYZE. Returns the index name."""
+    the store's column type), then ANALYZE. Returns the index name.
+
+    ``maintenance_work_mem`` (default: sized by ``hnsw_build_memory_mb`` from the row count, capped by
+    ``REINDEX_INDEX_BUILD_MEMORY_MB``) and ``max_parallel_maintenance_workers`` (``REINDEX_INDEX_BUILD_WORKERS``)
+    are set for this build only."""
+    from reindex.settings import index_build_memory_mb, index_build_workers
+
     t = store.t
     if index_type == IndexType.NONE:
         store.execute(sql.SQL("ANALYZE {}").format(t(emb.table_name)))
@@ -364,16 +380,25 @@ def build_index(store: Store, emb: EmbeddingStore, index_type: IndexType = Index
     exists = store.one("SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
                        (store.schema, index_name))
     if not exists:
+        (rows,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(t(emb.table_name)))
+        if maintenance_work_mem is None:
+            need, cap = hnsw_build_memory_mb(rows, emb.dim, emb.storage, hnsw_m), index_build_memory_mb()
+            if index_type == IndexType.HNSW and need > cap:
+                log.warning("the HNSW graph of %s rows of %s needs about %d MB of maintenance_work_mem; "
+                            "REINDEX_INDEX_BUILD_MEMORY_MB caps it at %d MB: the build spills to disk and runs "
+                            "about 2x slower", f"{rows:,}", emb.table_name, need, cap)
+            maintenance_work_mem = f"{min(need, cap)}MB"
         store.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-        store.execute("SET max_parallel_maintenance_workers = 2")
+        store.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
+            sql.Literal(index_build_workers())))
         if index_type == IndexType.HNSW:
             params = sql.SQL("WITH (m = {}, ef_construction = {})").format(
                 sql.Literal(hnsw_m), sql.Literal(hnsw_ef_construction))
         else:
-            (rows,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(t(emb.table_name)))
             lists = ivfflat_lists or max(1, int(rows / 1000) if rows <= 1_000_000 else int(rows**0.5))
             params = sql.SQL("WITH (lists = {})").format(sql.Literal(lists))
-        log.info("building %s index %s on %s", index_type.value, index_name, emb.table_name)
+        log.info("building %s index %s on %s (%s rows, maintenance_work_mem %s)", index_type.value, index_name,
+                 emb.table_name, f"{rows:,}", maintenance_work_mem)
         store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {idx} ON {emb} USING {method} (embedding {ops}) {params}").format(
             idx=sql.Identifier(index_name), emb=t(emb.table_name), method=sql.SQL(index_type.value),
             ops=sql.Identifier(f"{Storage(emb.storage).value}_cosine_ops"), params=params))
