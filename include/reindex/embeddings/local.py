@@ -23,7 +23,10 @@ and its precision are in the ``ModelSpec`` (``runtime``, ``precision``) and so i
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,6 +97,45 @@ def spec_of(model, model_id: str, path: Path, *, normalize: bool, precision: str
                      runtime=runtime)
 
 
+def _directory_fingerprint(path: Path) -> str:
+    """Every file under a model directory by name, size and modification time: what a cached spec stands for
+    (a changed, added or removed file gives another fingerprint). Metadata only, nothing is read."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def spec_cache_dir() -> Path:
+    """Where computed model specs are kept: ``specs/`` beside the encoder export cache (``REINDEX_ENCODER_CACHE``,
+    default ``~/.cache/reindex/encoders``)."""
+    from reindex.embeddings.runtimes import cache_root
+
+    return cache_root().parent / "specs"
+
+
+def cached_spec(path: Path, options: tuple, compute) -> ModelSpec:
+    """``compute()`` (load the model, hash its files: seconds and hundreds of MiB) once per model directory state
+    and ``options``; later calls read the spec back while every file of the directory has the size and mtime it
+    had. A cache that cannot be read or written is skipped (the spec is computed)."""
+    key = hashlib.sha256(json.dumps([str(path), list(options), _directory_fingerprint(path)]).encode()).hexdigest()
+    file = spec_cache_dir() / f"{key[:32]}.json"
+    try:
+        return ModelSpec(**{k: v for k, v in json.loads(file.read_text(encoding="utf-8")).items() if k != "checksum"})
+    except (OSError, ValueError, TypeError):
+        pass
+    spec = compute()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(spec.to_dict()), encoding="utf-8")
+        os.replace(tmp, file)
+    except OSError as e:
+        log.info("model spec not cached (%s): it is computed again next time", e)
+    return spec
+
+
 class LocalEncoder:
     """A sentence-transformers model that encodes texts into (normalised) float32 vectors."""
 
@@ -148,6 +190,13 @@ class LocalEncoder:
 
     @functools.cached_property
     def spec(self) -> ModelSpec:
+        """The model's identity. Read from the spec cache while the model directory's files are as they were
+        when it was computed (see ``cached_spec``): a task that only needs the spec (``prepare``) neither loads
+        the weights nor hashes them."""
+        return cached_spec(self.path, (model_id_for(self.model_name), self.normalize, self.precision,
+                                       self.encoder.value), self._spec)
+
+    def _spec(self) -> ModelSpec:
         if self.runtime.name == "torch":
             return spec_of(self.model, model_id_for(self.model_name), self.path, normalize=self.normalize,
                            precision=self.precision, runtime="torch")
