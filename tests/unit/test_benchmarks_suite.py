@@ -102,11 +102,12 @@ def test_scan_sharded_mode_at_a_tiny_size_matches_the_single_task_scan(tmp_path,
                 unchanged["documents"], unchanged["shards_s"]) == (0, 0, 0, 40, 40, 0.0)
         assert unchanged["pending"] == single["chunks"]  # no vectors were loaded: every chunk is claimed again
 
-        # the what-if: the same results with the heartbeat on a connection of its own
+        # the what-ifs: the same results with the heartbeat on a connection of its own and the listing analyzed
         apart = scan._sharded_scan("apart", {**base, "schema": schemas[2]}, "b-3", 2, shard_bytes, 20_000,
-                                   heartbeat_apart=True)
+                                   heartbeat_apart=True, analyze_listing=True)
         assert {k: apart[k] for k in keys} == {k: single[k] for k in keys}
-        assert (apart["processes"], apart["task_shards"], apart["heartbeat_apart"]) == (2, [2, 2], True)
+        assert (apart["processes"], apart["task_shards"], apart["heartbeat_apart"], apart["analyze_listing"]) == (
+            2, [2, 2], True, True)
     finally:
         for schema in schemas:
             scan._drop_schema(store_uri, schema)
