@@ -15,7 +15,7 @@ For each size ``n`` × dimension ``d`` × storage (``vector`` / ``halfvec``), on
    then ``VACUUM`` and ``CHECKPOINT`` (not timed) so the build does not pay for hint bits or a checkpoint;
 4. **build** (timed): ``reindex.store.vectors.build_index`` — the product's call, with its HNSW parameters
    (``m``, ``ef_construction``, ``<storage>_cosine_ops``, ``max_parallel_maintenance_workers`` 2) and
-   ``maintenance_work_mem`` (its default unless ``--maintenance-work-mem``). While it runs a thread samples
+   ``maintenance_work_mem`` (build_index sizes it from the rows unless ``--maintenance-work-mem``). While it runs a thread samples
    every server process (the postmaster and its children, found with psutil) every 0.5 s: the sum of
    their RSS, the sum of their PSS (shared memory — the parallel build's graph lives in a DSM segment —
    counted once), the largest single RSS, the parallel workers seen and the build's progress
@@ -390,15 +390,25 @@ class ServerSampler:
                 "progress": self.progress}
 
 
-def build(uri: str, schema: str, emb, *, maintenance_work_mem: str) -> dict:
+def build(uri: str, schema: str, emb, *, maintenance_work_mem: str | None) -> dict:
     """``build_index`` (HNSW, the product's parameters), timed, with the server's memory sampled and its
     notices kept; the CREATE INDEX statement is timed apart from the ANALYZE that follows it."""
     from psycopg import Cursor
 
     from reindex.config import IndexType
+    from reindex.settings import index_build_workers
     from reindex.store.vectors import build_index
 
     store = _connect(uri, schema)
+    sized = None
+    if maintenance_work_mem is None:  # what build_index asks for by itself: sized from the rows, capped
+        from psycopg import sql
+
+        from reindex.settings import index_build_memory_mb
+        from reindex.store.vectors import hnsw_build_memory_mb
+
+        (rows,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(emb.table_name)))
+        sized = f"{min(hnsw_build_memory_mb(rows, emb.dim, emb.storage), index_build_memory_mb())}MB"
     notices: list[str] = []
     store.conn.add_notice_handler(lambda d: notices.append(
         f"{d.severity}: {d.message_primary}" + (f" ({d.message_detail})" if d.message_detail else "")))
@@ -430,8 +440,8 @@ def build(uri: str, schema: str, emb, *, maintenance_work_mem: str) -> dict:
     params = inspect.signature(build_index).parameters
     return {"index": index, "create_index_s": round(create_s[0], 1), "build_index_s": round(seconds, 1),
             "m": params["hnsw_m"].default, "ef_construction": params["hnsw_ef_construction"].default,
-            "opclass": f"{emb.storage}_cosine_ops", "maintenance_work_mem": maintenance_work_mem,
-            "max_parallel_maintenance_workers": 2,  # what build_index sets
+            "opclass": f"{emb.storage}_cosine_ops", "maintenance_work_mem": maintenance_work_mem or sized,
+            "max_parallel_maintenance_workers": index_build_workers(),  # what build_index sets
             "notices": notices, "memory": sampler.summary()}
 
 
@@ -534,7 +544,7 @@ def drop_store(uri: str, schema: str, emb) -> None:
 
 
 def run_one(uri: str, prepared: dict, n: int, dim: int, storage: str, data: np.ndarray, queries: np.ndarray,
-            truth_f32: np.ndarray, *, block_rows: int, maintenance_work_mem: str, ef_search: tuple[int, ...],
+            truth_f32: np.ndarray, *, block_rows: int, maintenance_work_mem: str | None, ef_search: tuple[int, ...],
             keep: bool) -> dict:
     """Load, build and query one (n, dim, storage) store; returns its results."""
     from reindex.store.vectors import ensure_embedding_store
@@ -577,14 +587,13 @@ def run(uri: str, *, sizes_: tuple[int, ...], dims: tuple[int, ...], storages: t
         block_rows: int = 2000, maintenance_work_mem: str | None = None, ef_search: tuple[int, ...] = (40, 100),
         seed: int = 0, keep: bool = False, on_result=None) -> list[dict]:
     """Every (size, dim, storage) in turn, smallest size first; ``on_result(result)`` after each one."""
-    from reindex.store.vectors import build_index
 
     if not sizes_ or min(sizes_) < K or queries < 1:
         raise ValueError(f"vectors_scale: every size must be ≥ {K} (got {sizes_}) and queries ≥ 1 (got {queries})")
     bad = set(storages) - {"vector", "halfvec"}
     if bad:
         raise ValueError(f"vectors_scale: unknown storage(s) {sorted(bad)}: choose vector and/or halfvec")
-    mwm = maintenance_work_mem or inspect.signature(build_index).parameters["maintenance_work_mem"].default
+    mwm = maintenance_work_mem  # None: build_index sizes it from the rows (capped by REINDEX_INDEX_BUILD_MEMORY_MB)
     results = []
     for n in sorted(sizes_):
         prepared = setup_schema(uri, n)
@@ -623,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ef-search", default="40,100", help="hnsw.ef_search values, comma list")
     parser.add_argument("--block-rows", type=int, default=2000, help="rows per load_vectors call")
     parser.add_argument("--maintenance-work-mem", default=None,
-                        help="for build_index (default: build_index's own default, the product's)")
+                        help="for build_index (default: its own sizing from the rows, the product's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="data dir of this benchmark's embedded server")
     parser.add_argument("--uri", default=None, help="another PostgreSQL with pgvector instead of the embedded one")

@@ -62,7 +62,7 @@ def test_a_tiny_run_loads_builds_and_queries_through_the_product(store_uri):
     for r in results:
         assert r["load"]["rows"] == n and r["load"]["blocks"] == 1 and r["load"]["rows_per_s"] > 0
         b = r["build"]
-        assert (b["m"], b["ef_construction"], b["maintenance_work_mem"]) == (16, 64, "512MB")  # build_index's own
+        assert (b["m"], b["ef_construction"], b["maintenance_work_mem"]) == (16, 64, "64MB")  # build_index's sizing
         assert b["opclass"] == f"{r['storage']}_cosine_ops" and b["notices"] == []
         assert b["memory"]["samples"] >= 1 and b["memory"]["peak_pss_sum_mib"] > 0
         assert r["sizes"]["hnsw_bytes"] > 0 and r["sizes"]["table_bytes"] > 0
