@@ -1,7 +1,8 @@
 """The int8 recipes tried for ``encoder`` (issue: an int8 runtime is offered only if its top-10 agreement with fp32
 torch is ≥ 0.97 on the benchmark texts): what each keeps of the fp32 vectors, and how fast it runs.
 
-    python -m benchmarks.int8_recipes [--dir /tmp/rx-bench] [--texts 2000] [--threads 1] [--only name,...]
+    python -m benchmarks.int8_recipes [--dir /tmp/rx-bench] [--texts 2000] [--threads 1] [--only id,...]
+    python -m benchmarks.int8_recipes --versus-bf16 --only only-attn_out,only-qk-attn_out,all [--rounds 3]
 
 Same texts and reference as ``benchmarks/runtimes.py``: ``corpus_texts(2000)`` (real chunks of the sample corpus)
 encoded by plain ``SentenceTransformer.encode()`` (fp32 torch), every text a query over the other 1,999
@@ -23,7 +24,9 @@ Recipes (``RECIPES``):
   attention MatMuls and the FFN output projections excluded.
 
 The speed column is texts/s on ``--threads`` threads over the 2,000 texts, one run; on a shared machine it is
-only a rough guide (``load_before`` is recorded with each row).
+only a rough guide (``load_before`` is recorded with each row). The comparison that decides is ``--versus-bf16``:
+``openvino-bf16`` (the runtime offered) and the chosen recipes with bf16 for what they leave float, in one
+process, interleaved ``--rounds`` times, the fastest run of each kept (``versus_bf16`` in the results file).
 """
 
 from __future__ import annotations
@@ -197,31 +200,63 @@ def _forward(model, precision: str, threads: int):
 _MADE: dict[str, object] = {}
 
 
-def measure(name: str, data: dict, work: Path, threads: int) -> dict:
-    """One recipe: quantise (timed), encode the texts (timed), agreement with the fp32 reference."""
-    from reindex.quality import vector_agreement
-
-    label, kind, settings, precision = RECIPES[name]
-    key = json.dumps([kind, settings], sort_keys=True)
-    t0 = time.perf_counter()
-    if key not in _MADE:  # "all" and "all-bf16" run one quantised model at two precisions
-        _MADE[key] = _quantized(kind, settings, data, work)
-    model = _MADE[key]
-    quantize_s = time.perf_counter() - t0
-    forward = _forward(model, precision, threads)
+def _encode(forward, data: dict) -> tuple[np.ndarray, float]:
+    """The measured texts through ``forward`` (after a warm-up batch): unit vectors in text order, seconds."""
     forward(data["batches"][-1][1])  # warm-up (a short batch)
     vectors = np.empty((len(data["reference"]), data["dim"]), dtype=np.float32)
-    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     for idx, feats in data["batches"]:
         vectors[idx] = forward(feats)
     seconds = time.perf_counter() - t0
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), seconds
+
+
+def _model(name: str, data: dict, work: Path):
+    """A recipe's quantised model, made once per process (recipes that differ only in the precision of the
+    rest share it)."""
+    _, kind, settings, _ = RECIPES[name]
+    key = json.dumps([kind, settings], sort_keys=True)
+    if key not in _MADE:
+        _MADE[key] = _quantized(kind, settings, data, work)
+    return _MADE[key]
+
+
+def measure(name: str, data: dict, work: Path, threads: int) -> dict:
+    """One recipe: quantise (timed), encode the texts (timed), agreement with the fp32 reference."""
+    from reindex.quality import vector_agreement
+
+    label, kind, _, precision = RECIPES[name]
+    t0 = time.perf_counter()
+    model = _model(name, data, work)
+    quantize_s = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    vectors, seconds = _encode(_forward(model, precision, threads), data)
     a = vector_agreement(data["reference"], vectors, k=10)
-    return {"recipe": name, "label": label, "kind": kind, "precision_rest": precision, "top10_agreement": round(a.top_k_agreement, 4),
-            "min_cosine": round(a.min_cosine, 6), "mean_cosine": round(a.mean_cosine, 6),
-            "texts_per_s": round(len(vectors) / seconds, 1), "quantize_s": round(quantize_s, 1),
-            "threads": threads, "load_before": round(load, 2), "passes": a.top_k_agreement >= 0.97}
+    return {"recipe": name, "label": label, "kind": kind, "precision_rest": precision,
+            "top10_agreement": round(a.top_k_agreement, 4), "min_cosine": round(a.min_cosine, 6),
+            "mean_cosine": round(a.mean_cosine, 6), "texts_per_s": round(len(vectors) / seconds, 1),
+            "quantize_s": round(quantize_s, 1), "threads": threads, "load_before": round(load, 2),
+            "passes": a.top_k_agreement >= 0.97}
+
+
+def versus_bf16(names: list[str], data: dict, work: Path, threads: int, rounds: int) -> list[dict]:
+    """The speed that decides: ``openvino-bf16`` (the fp32 export at bf16) and each OpenVINO recipe with bf16 for
+    what it leaves float, in one process, interleaved ``rounds`` times; the fastest run of each kept."""
+    from reindex.quality import vector_agreement
+
+    contenders = [("openvino-bf16", str(data["openvino"]))] + [(n, _model(n, data, work)) for n in names]
+    runs: dict[str, list[float]] = {n: [] for n, _ in contenders}
+    agreement: dict[str, float] = {}
+    loads = []
+    for _ in range(rounds):
+        for name, model in contenders:
+            loads.append(os.getloadavg()[0])
+            vectors, seconds = _encode(_forward(model, "bf16", threads), data)
+            runs[name].append(round(len(vectors) / seconds, 1))
+            agreement[name] = round(vector_agreement(data["reference"], vectors, k=10).top_k_agreement, 4)
+    return [{"recipe": n, "precision_rest": "bf16", "texts_per_s": max(runs[n]), "runs_texts_per_s": runs[n],
+             "top10_agreement": agreement[n], "threads": threads,
+             "load_range": [round(min(loads), 2), round(max(loads), 2)]} for n, _ in contenders]
 
 
 def table(rows: list[dict]) -> str:
@@ -238,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texts", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated recipe ids (default: all)")
+    ap.add_argument("--versus-bf16", action="store_true",
+                    help="instead: openvino-bf16 against the --only recipes with bf16 for the rest, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="--versus-bf16: interleaved rounds (the fastest kept)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_recipes.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -247,16 +285,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}: choose from {list(RECIPES)}")
+    if args.versus_bf16 and (not args.only or any(RECIPES[n][1] == "ort" for n in names)):
+        raise SystemExit("--versus-bf16 needs --only with OpenVINO recipe ids (ONNX Runtime has no bf16 here)")
     work = bench_dir(args.dir) / "int8"
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("REINDEX_ENCODER_CACHE", str(work / "encoders"))
     data = _data(work, args.texts)
+    out = Path(args.out)
+    if args.versus_bf16:
+        # the interleaved speed comparison, merged into the results of the recipes run
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["versus_bf16"] = versus_bf16(names, data, work, args.threads, args.rounds)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        for r in result["versus_bf16"]:
+            print(f"{r['recipe']}: {r['texts_per_s']} texts/s (runs {r['runs_texts_per_s']}), top-10 agreement "
+                  f"{r['top10_agreement']}")
+        return 0
     rows = []
     for name in names:
         rows.append(measure(name, data, work, args.threads))
         log.info("%s", json.dumps(rows[-1]))
-    Path(args.out).write_text(json.dumps({"texts": args.texts, "calibration": CALIBRATION, "threads": args.threads,
-                                          "model": "MiniLM-L6 (bundled)", "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"texts": args.texts, "calibration": CALIBRATION, "threads": args.threads,
+                               "model": "MiniLM-L6 (bundled)", "rows": rows}, indent=1) + "\n")
     print(table(rows))
     return 0
 

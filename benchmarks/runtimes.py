@@ -14,7 +14,8 @@ before (its time is the ``export s`` column: the first run's one-off cost, cache
 * ``onnx``, ``openvino``, ``openvino-bf16``   ``LocalEncoder(encoder=…)``, the same calls;
 * tried, not offered (``--runtime-int8``): ``onnx-int8 dynamic`` (ONNX Runtime ``quantize_dynamic``, per-channel
   int8 weights) and ``openvino-int8 static`` (NNCF post-training quantisation calibrated on 300 other corpus
-  chunks, transformer preset, the FFN output projections left in float — the most sensitive layers).
+  chunks, transformer preset, the FFN output projections left in float — the most sensitive layers). Every int8
+  recipe tried, by layer kind, with its agreement and the speed that decides: ``benchmarks/int8_recipes.py``.
 
 Quality is measured against ``plain encode()`` (fp32 torch) on the same texts (``reindex.quality``): top-10
 neighbour agreement (every text a query over the other 1,999), min / mean cosine of each text's two vectors.
