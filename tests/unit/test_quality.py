@@ -121,3 +121,21 @@ def test_gate_verdict():
                            "top-10 agreement 96.0%, index recall@10 100.0%, cosine min 0.9987 mean 1.0000 — BELOW "
                            "THRESHOLD: " + reasons[0])
     assert SwitchFigures(not_measured="backend vertex").line() == "quality gate: not measured (backend vertex)"
+
+
+def test_recorded_gate_is_what_the_views_of_a_batch_show():
+    from reindex.quality import RECORDED_GATE_KEYS, recorded_gate
+
+    assert recorded_gate(None) is None and recorded_gate({}) is None and recorded_gate({"quality": {}}) is None
+    figures = SwitchFigures(queries=40, source="user queries", hit_rate_old=0.5, hit_rate_new=0.75, agreement=0.25)
+    shown = recorded_gate({"message": "x", "quality": {**figures.to_dict(), "line": figures.line(), "below": "fail"}})
+    assert tuple(shown) == RECORDED_GATE_KEYS  # every key present: a template may read any of them
+    assert (shown["queries"], shown["agreement"], shown["hit_rate_new"], shown["below"]) == (40, 0.25, 0.75, "fail")
+    assert shown["index_recall"] is None and shown["decision"] is None and shown["reasons"] == []
+    assert shown["line"] == ("quality gate: 40 user queries, own document in top 10 50.0% → 75.0% (old → new), "
+                             "top-10 agreement 25.0% — passed")
+    # figures recorded without their line (by hand, or an older gate): the line is made from them
+    bare = recorded_gate({"quality": {"queries": 3, "source": "sampled chunks", "index_recall": 0.9, "passed": False,
+                                      "reasons": ["r"], "decision": {"choice": "Approve", "by": "ann"}}})
+    assert bare["line"] == "quality gate: 3 sampled chunks, index recall@10 90.0% — BELOW THRESHOLD: r"
+    assert bare["decision"] == {"choice": "Approve", "by": "ann"}
