@@ -38,12 +38,28 @@ _LISTING_BLOCK = 1000  # files looked up (change detection) and written to the l
 
 def _check_lease(store: Store, corpus: str, batch_id: str) -> None:
     """A shard or the close of a scan writes only while its batch holds the corpus (a run that lost it — taken
-    over as dead, or freed by hand — must not write over the new holder's scan)."""
-    holder = leases.get_lease(store, corpus)
-    if holder.batch_id != batch_id:
-        raise StoreError(f"batch {batch_id} no longer holds corpus {corpus!r} (now: "
-                         f"{holder.batch_id or 'nobody'}); its scan stops here without writing")
-    leases.heartbeat(store, corpus, batch_id)
+    over as dead, or freed by hand — must not write over the new holder's scan). Checks the holder and renews
+    its heartbeat in a transaction of its own: the heartbeat's row lock is not held through the caller's work
+    (held through a shard's transaction, it would make concurrent shards run one at a time)."""
+    with store.conn.transaction():
+        _holding(store, corpus, batch_id, lock=False)
+        leases.heartbeat(store, corpus, batch_id)
+
+
+def _hold_lease(store: Store, corpus: str, batch_id: str) -> None:
+    """Just before a shard's transaction commits: the batch still holds the corpus, and keeps it until the
+    commit (``FOR SHARE``: other shards may hold it too; a takeover or a hand-freed lease waits for the commit,
+    then finds this shard's rows whole)."""
+    _holding(store, corpus, batch_id, lock=True)
+
+
+def _holding(store: Store, corpus: str, batch_id: str, *, lock: bool) -> None:
+    row = store.one(sql.SQL("SELECT lease_batch_id FROM {} WHERE corpus = %s{}").format(
+        store.t("corpora"), sql.SQL(" FOR SHARE" if lock else "")), (corpus,))
+    holder = row[0] if row else None
+    if holder != batch_id:
+        raise StoreError(f"batch {batch_id} no longer holds corpus {corpus!r} (now: {holder or 'nobody'}); its "
+                         "scan stops here without writing")
 
 
 def list_corpus(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id: str, model_checksum: str,
@@ -128,8 +144,8 @@ def scan_shard(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id: 
     started = time.monotonic()
     chunker, signature = pipeline.chunking_for(cfg)
     reader = CorpusReader(root, max_document_bytes=cfg.max_document_bytes)
+    _check_lease(store, cfg.corpus, batch_id)
     with store.conn.transaction():
-        _check_lease(store, cfg.corpus, batch_id)
         if (batches_store.get_batch(store, batch_id) or {}).get("details", {}).get("scan"):
             raise StoreError(f"batch {batch_id}: its scan is already closed; shard {shard} has nothing left to do")
         entries = scan_store.shard_entries(store, batch_id, shard)
@@ -155,6 +171,7 @@ def scan_shard(store: Store, cfg: ReindexConfig, root: CorpusPath, *, batch_id: 
                   "changed_chunks": merged["changed_chunks"],
                   "duplicates": stager.duplicates + merged["cross_shard_duplicates"],
                   "seconds": round(time.monotonic() - started, 3)}
+        _hold_lease(store, cfg.corpus, batch_id)
         scan_store.mark_shard_done(store, batch_id, shard, counts, unreadable)
     log.info("scan shard %d of batch %s: %d entries, %d documents (%d unchanged, %d failed), %d chunks written, "
              "%.1f s", shard, batch_id, counts["entries"], counts["documents"], counts["unchanged_documents"],

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
+import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -206,6 +208,76 @@ def test_shard_rerun_is_idempotent_and_deletions_wait_for_every_shard(store, tmp
     leases.try_acquire(store, cfg.corpus, "other")
     with pytest.raises(StoreError, match="no longer holds corpus 'idem'"):
         scan.scan_shard(store, cfg, root, batch_id="i3", shard=0)
+
+
+def _paused_shard(uri: str, store, cfg, root, batch: str, shard: int, monkeypatch):
+    """Run ``scan_shard`` in a thread on a connection of its own; it stops after its merge, before its commit,
+    until the returned event is set. Returns ``(thread, merged, resume, outcome)``."""
+    merged, resume, outcome = threading.Event(), threading.Event(), {}
+    merge = scan.scan_store.merge_shard
+
+    def paused_merge(s, corpus, batch_id):
+        out = merge(s, corpus, batch_id)
+        if threading.current_thread().name == "paused-shard":
+            merged.set()
+            assert resume.wait(30), "the test never resumed the paused shard"
+        return out
+
+    monkeypatch.setattr(scan.scan_store, "merge_shard", paused_merge)
+
+    def run():
+        with psycopg.connect(uri, autocommit=True) as conn:
+            try:
+                outcome["result"] = scan.scan_shard(Store(conn, store.schema), cfg, root, batch_id=batch, shard=shard)
+            except Exception as exc:  # noqa: BLE001 - handed to the test
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="paused-shard", daemon=True)
+    thread.start()
+    assert merged.wait(30), outcome.get("error")
+    return thread, resume, outcome
+
+
+def test_shards_run_concurrently_and_a_lost_lease_stops_a_shard_in_flight(store, store_uri, tmp_path, monkeypatch):
+    """A shard mid-transaction holds no lock another shard waits for (the lease heartbeat commits apart); a lease
+    freed meanwhile stops the shard at its commit, with nothing of it written. (No id repeats across shards here:
+    a shard meeting an id another shard has merged uncommitted does wait for it, by design.)"""
+    root = tmp_path / "kb"
+    root.mkdir()
+    for i in range(9):
+        (root / f"note{i}.txt").write_text(f"Note {i}. " + TEXT * (1 + i % 3), encoding="utf-8")
+    cfg = ReindexConfig(corpus="conc", corpus_uri=str(root), max_tokens=32, overlap_tokens=4)
+    checksum = pipeline.prepare(store, cfg)["model_checksum"]
+    listed = scan.list_corpus(store, cfg, root, batch_id="c1", model_checksum=checksum, shard_bytes=300,
+                              shard_files=3)
+    first, *rest = [s["shard"] for s in listed["shards"]]
+    thread, resume, outcome = _paused_shard(store_uri, store, cfg, root, "c1", first, monkeypatch)
+    store.execute("SET lock_timeout = '5s'")  # a shard waiting on the paused one would fail here, not hang
+    try:
+        for s in rest:
+            assert scan.scan_shard(store, cfg, root, batch_id="c1", shard=s)["documents"] > 0
+    finally:
+        resume.set()
+        thread.join(30)
+    assert "error" not in outcome and outcome["result"]["shard"] == first
+    manifest = scan.finish_scan(store, cfg, batch_id="c1", model_checksum=checksum)
+    assert manifest["shards"] == len(rest) + 1 and manifest["deleted_documents"] == 0
+    leases.release(store, cfg.corpus, "c1")
+
+    # the lease is freed by hand while a shard is in flight: the shard fails at its commit and writes nothing
+    (root / "note2.txt").write_text("Note 2, rewritten while its shard was in flight. " + TEXT, encoding="utf-8")
+    listed = scan.list_corpus(store, cfg, root, batch_id="c2", model_checksum=checksum, shard_bytes=300,
+                              shard_files=3)
+    before = _rows(store, "conc")
+    thread, resume, outcome = _paused_shard(store_uri, store, cfg, root, "c2", listed["shards"][0]["shard"], monkeypatch)
+    try:
+        assert leases.free(store, cfg.corpus, "c2", "freed by the test") is not None  # not blocked by the shard
+    finally:
+        resume.set()
+        thread.join(30)
+    assert isinstance(outcome.get("error"), StoreError) and "no longer holds corpus 'conc'" in str(outcome["error"])
+    assert _rows(store, "conc") == before
+    store.execute("RESET lock_timeout")
 
 
 def _documents(store, corpus) -> set[str]:
