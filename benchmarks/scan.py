@@ -18,9 +18,8 @@ Runs, in order (single task on one store schema, each sharded full run on a fres
    (``list_corpus``), N concurrent scan-task processes that take the shard list round-robin and each run
    ``scan_shard`` for their shards one after another on a connection of their own, then a ``finish``
    process (``finish_scan``). Airflow's per-task start-up (one per mapped ``scan_shard`` instance) is left
-   out: ``benchmarks/airflow_overhead.py`` measures it. Then the same with the lease heartbeat taken out of
-   the shard's transaction (a what-if patched into the scan-task processes, ``_heartbeat_apart``), and, on
-   the last N's schema after stub vectors, the sharded unchanged and 1 %-edited runs;
+   out: ``benchmarks/airflow_overhead.py`` measures it. Then, on the last N's schema after stub vectors, the
+   sharded unchanged and 1 %-edited runs;
 4. **edited**: ``edit_fraction`` of the documents (exactly that many files, chosen at random) get a
    sentence appended, then ``chunk_corpus`` again: only those files are read;
 5. **GCS**: the first ``gcs_docs`` documents uploaded to the GCS emulator (in this process, a
@@ -285,27 +284,6 @@ def _store(p: dict):
     return Store(psycopg.connect(p["uri"], autocommit=True), p["schema"])
 
 
-def _analyze_listing() -> None:
-    """What-if, patched in this process only: ``ANALYZE`` the listing table before the shards are assigned.
-
-    ``list_corpus`` COPYs the listing into ``scan_files`` and plans the shards at once with an ``UPDATE … FROM``
-    that joins the table to itself. The planner then knows the table only from its last autovacuum analysis —
-    typically empty (the previous scan's ``finish`` deleted its rows) — and picks a nested loop that scans the
-    whole listing once per file to read: 2,000 changed files in a 200,000-file listing took minutes. The
-    proposed change analyzes the table (a fraction of a second) before planning."""
-    from psycopg import sql
-
-    from reindex.store import scan as scan_store
-
-    assign = scan_store.assign_shards
-
-    def analyzed_assign(store, batch_id: str, shard_bytes: int, shard_files: int) -> list[dict]:
-        store.execute(sql.SQL("ANALYZE {}").format(store.t("scan_files")))
-        return assign(store, batch_id, shard_bytes, shard_files)
-
-    scan_store.assign_shards = analyzed_assign
-
-
 def _list_task(p: dict) -> dict:
     """The DAG's ``list_corpus`` task: the lease, the batch, the listing with change detection, the shards."""
     from reindex import scan
@@ -313,8 +291,6 @@ def _list_task(p: dict) -> dict:
     cfg = _config(p["corpus"], p["corpus_uri"])
     root = _root(p["corpus_uri"])
     store = _store(p)
-    if p.get("analyze_listing"):
-        _analyze_listing()
     with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
         cpu0, w0, t0 = _cpu_seconds(), time.time(), time.perf_counter()
         listed = scan.list_corpus(store, cfg, root, batch_id=p["batch_id"], model_checksum=p["model_checksum"],
@@ -328,29 +304,6 @@ def _list_task(p: dict) -> dict:
             "statements": sum(v[0] for v in timed.values()), "top_statements": _top(timed)}
 
 
-def _heartbeat_apart(p: dict) -> None:
-    """What-if, patched in this process only: ``scan_shard``'s lease check without the lock it holds today.
-
-    ``scan.scan_shard`` checks the lease and heartbeats (``UPDATE corpora …``) as the first statement of the
-    shard's one transaction, so the corpus row stays locked until the shard commits and the next shard's
-    heartbeat waits for it: concurrent shards run one at a time. Here the check stays in the transaction (a
-    plain read) and the heartbeat goes through a connection of its own in autocommit, so it commits at once —
-    the proposed change (which also re-checks the holder ``FOR SHARE`` just before the shard commits)."""
-    from reindex import scan
-    from reindex.errors import StoreError
-    from reindex.store import leases
-
-    beat = _store(p)
-
-    def check_lease(store, corpus: str, batch_id: str) -> None:
-        holder = leases.get_lease(store, corpus)
-        if holder.batch_id != batch_id:
-            raise StoreError(f"batch {batch_id} no longer holds corpus {corpus!r}")
-        leases.heartbeat(beat, corpus, batch_id)
-
-    scan._check_lease = check_lease
-
-
 def _shard_task(p: dict) -> dict:
     """One scan task process: ``scan_shard`` for each of ``p["shards"]`` in turn, on one connection of its own
     (as a worker slot running several mapped ``scan_shard`` instances one after another, without Airflow's
@@ -360,8 +313,6 @@ def _shard_task(p: dict) -> dict:
     cfg = _config(p["corpus"], p["corpus_uri"])
     root = _root(p["corpus_uri"])
     store = _store(p)
-    if p.get("heartbeat_apart"):
-        _heartbeat_apart(p)
     sums: dict[str, int] = {}
     per_shard = []
     with contextlib.closing(store.conn), _statement_timer(p["schema"]) as statements:
@@ -548,8 +499,7 @@ def _merged_top(tops: list[list[dict]], n: int = 8) -> list[dict]:
 
 
 def _sharded_scan(label: str, params: dict, batch_id: str, tasks: int, shard_bytes: int, shard_files: int,
-                  env: dict | None = None, *, heartbeat_apart: bool = False,
-                  analyze_listing: bool = False) -> dict:
+                  env: dict | None = None) -> dict:
     """One sharded scan as the DAG runs it, each task in a process of its own: ``prepare``, ``list_corpus``, then
     ``tasks`` concurrent scan-task processes that take the shards round-robin (each runs ``scan_shard`` for its
     shards one after another on its own connection; no process is started for no shard), then ``finish_scan``.
@@ -561,12 +511,12 @@ def _sharded_scan(label: str, params: dict, batch_id: str, tasks: int, shard_byt
     prepared = run_worker({**params, "task": "prepare"}, env=env)
     common = {**params, "batch_id": batch_id, "model_checksum": prepared["model_checksum"]}
     load = os.getloadavg()[0]
-    listed = run_worker({**common, "task": "list", "shard_bytes": shard_bytes, "shard_files": shard_files,
-                         "analyze_listing": analyze_listing}, env=env)
+    listed = run_worker({**common, "task": "list", "shard_bytes": shard_bytes, "shard_files": shard_files},
+                        env=env)
     shard_ids = [s["shard"] for s in listed["shards"]]
     groups = [g for g in (shard_ids[i::tasks] for i in range(tasks)) if g]
     t0 = time.monotonic()
-    started = [start_worker({**common, "task": "shard", "shards": g, "heartbeat_apart": heartbeat_apart}, env=env)
+    started = [start_worker({**common, "task": "shard", "shards": g}, env=env)
                for g in groups]
     workers = [collect_worker(proc, at, "shard") for proc, at in started]
     shards_process_s = time.monotonic() - t0
@@ -575,7 +525,6 @@ def _sharded_scan(label: str, params: dict, batch_id: str, tasks: int, shard_byt
     stages = {"list": listed, "finish": finished}
     result = {
         "label": label, "tasks": tasks, "processes": len(groups), "shards": len(shard_ids),
-        "heartbeat_apart": heartbeat_apart, "analyze_listing": analyze_listing,
         "shard_bytes": shard_bytes, "shard_files": shard_files,
         "list_s": listed["seconds"], "shards_s": round(shards_s, 3), "finish_s": finished["seconds"],
         "seconds": round(listed["seconds"] + shards_s + finished["seconds"], 3),
@@ -607,11 +556,10 @@ def _sharded_scan(label: str, params: dict, batch_id: str, tasks: int, shard_byt
 
 
 def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, work: Path, single: dict, *,
-                  tasks: tuple[int, ...], apart_tasks: tuple[int, ...], shards: int, edited: list[int],
+                  tasks: tuple[int, ...], shards: int, edited: list[int],
                   night: int) -> dict:
-    """The sharded scans: full with each of ``tasks`` scan tasks (each on a fresh schema), full with each of
-    ``apart_tasks`` with the lease heartbeat outside the shard's transaction (``_heartbeat_apart``: a what-if,
-    schema dropped after), then, on the last ``tasks`` run's schema after stub vectors, unchanged and with
+    """The sharded scans: full with each of ``tasks`` scan tasks (each on a fresh schema), then, on the last
+    ``tasks`` run's schema after stub vectors, unchanged and with
     ``edited`` edited (the files are edited here and restored after). ``single``: the single-task runs of the
     same benchmark run, for the ratios."""
     shard_bytes = max(1, math.ceil(corpus["bytes"] / shards))  # ``shards`` shards of the corpus's bytes
@@ -625,12 +573,6 @@ def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, wor
                                           f"scan-t{n}-1", n, shard_bytes, shard_files)
         if n != keep:
             _drop_schema(uri, sbase["schema"])
-    for n in apart_tasks:
-        sbase = {**base, "schema": f"{base['schema']}_a{n}"}
-        _drop_schema(uri, sbase["schema"])
-        runs[f"apart_{n}"] = _sharded_scan(f"1a. full scan, new corpus, {n} scan tasks, heartbeat apart (what-if)",
-                                           sbase, f"scan-a{n}-1", n, shard_bytes, shard_files, heartbeat_apart=True)
-        _drop_schema(uri, sbase["schema"])
     kbase = {**base, "schema": f"{base['schema']}_t{keep}"}
     fill = run_worker({**kbase, "task": "fill", "batch_id": f"scan-t{keep}-1",
                        "model_checksum": runs[f"full_{keep}"]["model_checksum"]})
@@ -648,19 +590,14 @@ def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, wor
         corpus["edited"] = []
         marker.write_text(json.dumps(corpus))
     runs["edited"]["edited_documents"] = len(edited)
-    # the same documents changed back (restored above), the listing analyzed before the shards are planned
-    runs["edited_analyzed"] = _sharded_scan(f"3a. the {len(edited):,} documents changed back, listing analyzed "
-                                            "(what-if)", kbase, f"scan-t{keep}-4", keep, shard_bytes, shard_files,
-                                            analyze_listing=True)
-    runs["edited_analyzed"]["edited_documents"] = len(edited)
     for r in runs.values():
         _rates(r)
     one = runs[f"full_{tasks[0]}"]
-    for key in [f"full_{n}" for n in tasks] + [f"apart_{n}" for n in apart_tasks]:
+    for key in [f"full_{n}" for n in tasks]:
         r = runs[key]
         r["speedup_vs_first"] = round(one["seconds"] / r["seconds"], 3)
         r["x_single_task"] = round(r["seconds"] / single["full"]["seconds"], 4)
-    for key in ("unchanged", "edited", "edited_analyzed"):
+    for key in ("unchanged", "edited"):
         r = runs[key]
         r["x_full"] = {str(n): round(r["seconds"] / runs[f"full_{n}"]["seconds"], 4) for n in tasks}
         r["x_single_task_full"] = round(r["seconds"] / single["full"]["seconds"], 4)
@@ -675,7 +612,7 @@ def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, wor
             "full_s_by_tasks": {str(n): round((full1["list_s"] + full1["shards_s"] * tasks[0] / n
                                                + full1["finish_s"]) * f) for n in (1, 4, 16, 64)},
             "unchanged_s": round(runs["unchanged"]["seconds"] * f), "edited_s": round(runs["edited"]["seconds"] * f)}
-    return {"tasks": list(tasks), "apart_tasks": list(apart_tasks), "shards_target": shards,
+    return {"tasks": list(tasks), "shards_target": shards,
             "shard_bytes": shard_bytes, "shard_files": shard_files, "kept_tasks": keep, "fill_seconds": fill["seconds"],
             "runs": runs, "extrapolated": extrapolated}
 
@@ -719,18 +656,18 @@ def _rates(run: dict) -> None:
 
 
 def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs_docs: int = 2_000,
-        seed: int = 0, gcs: bool = True, tasks: tuple[int, ...] = (1, 2, 4), apart_tasks: tuple[int, ...] = (2, 4),
+        seed: int = 0, gcs: bool = True, tasks: tuple[int, ...] = (1, 2, 4),
         shards: int = 24) -> dict:
     """The runs above; returns the results section (``runs`` keyed full / unchanged / edited / walk / read /
     gcs_full / gcs_unchanged, ratios to the full scans, and a linear extrapolation to 1 M / 10 M documents;
     ``sharded``: the sharded scan's runs with each of ``tasks`` scan tasks, see ``_sharded_runs``; none when
-    ``tasks`` is empty; ``apart_tasks``: the what-if runs with the heartbeat apart). ``shards``: the shard bytes
+    ``tasks`` is empty). ``shards``: the shard bytes
     are the corpus's bytes over this (24 shards: work for 1, 2 and 4 tasks alike)."""
     if docs < 1 or not 0 < edit_fraction < 1:
         raise ValueError(f"scan benchmark: docs must be ≥ 1 (got {docs}) and edit_fraction in (0, 1) "
                          f"(got {edit_fraction})")
-    if any(n < 1 for n in (*tasks, *apart_tasks)) or shards < 1:
-        raise ValueError(f"scan benchmark: scan tasks must be ≥ 1 (got {list(tasks)}, {list(apart_tasks)}) and "
+    if any(n < 1 for n in tasks) or shards < 1:
+        raise ValueError(f"scan benchmark: scan tasks must be ≥ 1 (got {list(tasks)}) and "
                          f"shards ≥ 1 (got {shards})")
     load_at_start = os.getloadavg()
     work = bench_dir(data_dir) / f"scan-{docs}"
@@ -756,7 +693,7 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
         # the same documents edited (and restored after) for the sharded edited run; the full and unchanged
         # sharded runs see the corpus the single-task runs 1 and 2 saw
         sharded = _sharded_runs(uri, base, docs, corpus, root, work, runs, tasks=tuple(tasks),
-                                apart_tasks=tuple(apart_tasks), shards=shards, edited=edited, night=seed + 1)
+                                shards=shards, edited=edited, night=seed + 1)
     corpus["edited"] = edited  # recorded before editing: a crash mid-edit is still restored next time
     marker.write_text(json.dumps(corpus))
     edit_documents(root, edited, night=seed + 1)
@@ -818,8 +755,7 @@ def sharded_table(r: dict) -> str:
                f"{_cell(full.get('documents_per_s'), 0)} | {_cell(full.get('chunks_per_s'), 0)} | – | 100.0% | "
                f"{_cell(full['read_files'])} | {_cell(full['pending'])} | {_cell(full['rss_mib'], 0)} (one task) | "
                f"{_cell(full['client_cpu_s'])} | {_cell(full['statements_s'])} | {_cell(full['load_before'])} |")
-    keys = [f"full_{n}" for n in tasks] + [f"apart_{n}" for n in sh.get("apart_tasks", [])]
-    for key in keys + [k for k in ("unchanged", "edited", "edited_analyzed") if k in runs]:
+    for key in [f"full_{n}" for n in tasks] + [k for k in ("unchanged", "edited") if k in runs]:
         x = runs[key]
         rss = (f"{_cell(x['list_rss_mib'], 0)} / {_cell(x['shard_rss_mib'], 0) if x['shard_rss_mib'] else '–'} / "
                f"{_cell(x['finish_rss_mib'], 0)}")
@@ -831,7 +767,7 @@ def sharded_table(r: dict) -> str:
                    f"{vs_single:.1%} | {_cell(x['read_files'])} | {_cell(x['pending'])} | {rss} | "
                    f"{_cell(x['client_cpu_s'])} | {_cell(x['statements_s'])} | {_cell(x['load_before'])} |")
     notes = []
-    for key in [k for k in ("unchanged", "edited", "edited_analyzed") if k in runs]:
+    for key in [k for k in ("unchanged", "edited") if k in runs]:
         x = runs[key]
         ratios = ", ".join(f"{x['x_full'][str(n)]:.1%} of the {n}-task full scan" for n in tasks)
         notes.append(f"{x['label']} (list + {'shards + ' if x['shards'] else ''}finish = {x['seconds']:.2f} s): "

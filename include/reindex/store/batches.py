@@ -60,8 +60,15 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
     embedding again — switching a corpus to ``halfvec`` costs no encode and no batch job. Vectors
     with a value beyond the half range (norm over 65504) are left to be embedded and fail there.
 
-    Returns ``{"pending", "reused", "reused_by_content", "converted", "kept_failed"}``.
+    Returns ``{"pending", "reused", "reused_by_content", "converted", "kept_failed"}``. Runs in the caller's
+    transaction (or in one of its own).
     """
+    with store.conn.transaction():
+        return _claim_stale(store, corpus, batch_id, emb, force, keep_content_failures, reuse_pool, convert_from)
+
+
+def _claim_stale(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, force: bool,
+                 keep_content_failures: bool, reuse_pool: str | None, convert_from: EmbeddingStore | None) -> dict:
     from reindex.retry import content_failures_kept
 
     t = store.t
@@ -80,30 +87,40 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
                 embedding = EXCLUDED.embedding, updated_at = now()""").format(
             emb=t(emb.table_name), old=t(convert_from.table_name), chunks=t("chunks"), current=current),
             (corpus,)).rowcount
-    if not force:
+    # one anti-join finds the chunks without a current vector (a handful in a nightly run, the whole corpus in a
+    # new one); everything below works on them alone instead of joining the corpus against its vectors again
+    store.execute(sql.SQL("""CREATE TEMP TABLE claim_stale ON COMMIT DROP AS
+        SELECT c.id, c.content_sha256 FROM {chunks} c WHERE c.corpus = %s AND NOT {current}""").format(
+        chunks=t("chunks"), current=current), (corpus,))
+    (stale,) = store.one("SELECT count(*) FROM claim_stale")
+    if stale:
+        store.execute("CREATE UNIQUE INDEX ON claim_stale (id)")
+        store.execute("ANALYZE claim_stale")
+    if not force and stale:
         sources = sql.SQL("SELECT content_sha256, embedding FROM {emb}").format(emb=t(emb.table_name))
         if reuse_pool:
             sources = sql.SQL("{} UNION ALL SELECT content_sha256, embedding FROM {}").format(
                 sources, sql.Identifier(reuse_pool))
         by_content = store.execute(sql.SQL("""INSERT INTO {emb} (chunk_pk, content_sha256, embedding)
-            SELECT DISTINCT ON (c.id) c.id, c.content_sha256, src.embedding
-            FROM {chunks} c JOIN ({sources}) src ON src.content_sha256 = c.content_sha256
-            WHERE c.corpus = %s AND NOT {current}
-            ORDER BY c.id
+            SELECT DISTINCT ON (s.id) s.id, s.content_sha256, src.embedding
+            FROM claim_stale s JOIN ({sources}) src ON src.content_sha256 = s.content_sha256
+            ORDER BY s.id
             ON CONFLICT (chunk_pk) DO UPDATE SET content_sha256 = EXCLUDED.content_sha256,
                 embedding = EXCLUDED.embedding, updated_at = now()""").format(
-            emb=t(emb.table_name), chunks=t("chunks"), current=current, sources=sources), (corpus,)).rowcount
+            emb=t(emb.table_name), sources=sources)).rowcount
     # the retry policy's own table (reindex.retry), turned into SQL: code → retry_count from which it stays FAILED
     limits = content_failures_kept()
     keep = sql.SQL("c.embedding_status = 'FAILED' AND c.error_code = ANY(%s) AND c.retry_count >= (CASE c.error_code "
                    "{} END)").format(sql.SQL(" ").join(sql.SQL("WHEN {} THEN {}").format(sql.Literal(code), sql.Literal(n))
                                                        for code, n in limits.items()))
     kept_codes = sorted(limits) if keep_content_failures and not force else []
-    claimed = store.execute(sql.SQL("""UPDATE {chunks} c SET batch_id = %s, embedding_status = 'PENDING',
-            retry_count = 0, error_code = NULL, error_message = NULL, updated_at = now()
-        WHERE c.corpus = %s AND (%s OR (NOT {current} AND NOT ({keep})))""").format(
-        chunks=t("chunks"), current=current, keep=keep), (batch_id, corpus, force, kept_codes)).rowcount
-    if not force:
+    claim = sql.SQL("""UPDATE {chunks} c SET batch_id = %s, embedding_status = 'PENDING',
+            retry_count = 0, error_code = NULL, error_message = NULL, updated_at = now()""").format(chunks=t("chunks"))
+    if force:
+        claimed = store.execute(claim + sql.SQL(" WHERE c.corpus = %s"), (batch_id, corpus)).rowcount
+    else:
+        claimed = store.execute(claim + sql.SQL(" FROM claim_stale s WHERE c.id = s.id AND NOT {current} AND NOT ({keep})")
+                                .format(current=current, keep=keep), (batch_id, kept_codes)).rowcount if stale else 0
         # Chunks with a current vector are READY; the merge's provisional claim on new chunks that
         # got a reused vector is dropped (this batch did not embed them).
         store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
@@ -112,9 +129,13 @@ def claim_stale_chunks(store: Store, corpus: str, batch_id: str, emb: EmbeddingS
             WHERE c.corpus = %s AND (c.embedding_status <> 'READY' OR c.batch_id = %s) AND {current}""").format(
             chunks=t("chunks"), current=current), (batch_id, corpus, batch_id))
     # A vector whose chunk's text changed since it was computed is no longer the chunk's (reuse above took what
-    # it could): drop it, so a chunk whose new text fails never keeps serving its old vector.
-    store.execute(sql.SQL("""DELETE FROM {emb} e USING {chunks} c WHERE e.chunk_pk = c.id AND c.corpus = %s
-        AND e.content_sha256 <> c.content_sha256""").format(emb=t(emb.table_name), chunks=t("chunks")), (corpus,))
+    # it could): drop it, so a chunk whose new text fails never keeps serving its old vector. Such a chunk had no
+    # current vector, so it is one of the stale ones.
+    if stale:
+        store.execute(sql.SQL("""DELETE FROM {emb} e USING claim_stale s, {chunks} c
+            WHERE e.chunk_pk = s.id AND c.id = s.id AND e.content_sha256 <> c.content_sha256""").format(
+            emb=t(emb.table_name), chunks=t("chunks")))
+    store.execute("DROP TABLE claim_stale")
     kept_failed = 0
     if kept_codes:
         (kept_failed,) = store.one(sql.SQL("SELECT count(*) FROM {chunks} c WHERE c.corpus = %s AND {keep}").format(
