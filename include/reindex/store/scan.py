@@ -192,14 +192,14 @@ def finish(store: Store, corpus: str, batch_id: str, chunking: str, vector_table
     if pending:
         raise StoreError(f"batch {batch_id}: scan shard(s) {pending[:10]} have not finished; the scan cannot be "
                          "closed (deletions are decided only once every shard has reported)")
-    unchanged_files = sql.SQL("""SELECT source_uri FROM {files} WHERE batch_id = %s AND unchanged""").format(
-        files=t("scan_files"))
-    # documents of the corpus this scan did not see: not owned by a shard, not in a file left unread
+    # documents of the corpus this scan did not see: not owned by a shard, not in a file left unread (NOT EXISTS,
+    # an anti-join: a NOT IN over a listing too large to hash in work_mem is a nested scan, hours at 200k files)
     store.execute(sql.SQL("""CREATE TEMP TABLE scan_gone ON COMMIT DROP AS
         SELECT d.doc_id, d.source_uri FROM {documents} d WHERE d.corpus = %s
             AND NOT EXISTS (SELECT 1 FROM {seen} s WHERE s.batch_id = %s AND s.doc_id = d.doc_id)
-            AND d.source_uri NOT IN ({unchanged})""").format(
-        documents=t("documents"), seen=t("scan_seen"), unchanged=unchanged_files), (corpus, batch_id, batch_id))
+            AND NOT EXISTS (SELECT 1 FROM {files} f WHERE f.batch_id = %s AND f.unchanged
+                            AND f.source_uri = d.source_uri)""").format(
+        documents=t("documents"), seen=t("scan_seen"), files=t("scan_files")), (corpus, batch_id, batch_id))
     # ... but those under a folder, file or part that could not be read are not gone: they keep their rows
     kept = store.execute(sql.SQL("""DELETE FROM scan_gone g WHERE EXISTS (
             SELECT 1 FROM {seen} s JOIN {documents} f ON f.corpus = %s AND f.doc_id = s.doc_id
