@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scan: documents, one small .txt file each (the issue's size: 1000000)")
     parser.add_argument("--scan-gcs-docs", type=int, default=2_000, help="scan: documents uploaded to the GCS emulator")
     parser.add_argument("--scan-edit-fraction", type=float, default=0.01, help="scan: documents edited for run 3")
+    parser.add_argument("--scan-tasks", default="1,2,4", help="scan: the sharded runs' scan-task counts (comma list)")
+    parser.add_argument("--scan-no-single", action="store_true",
+                        help="scan: leave out the single-task runs (full, unchanged, edited): at 1M documents")
     parser.add_argument("--runtime-texts", type=int, default=2000, help="runtimes: real corpus chunks per model")
     parser.add_argument("--runtime-models", default="minilm,deep", help="runtimes: minilm and/or deep (12-layer 768-d)")
     parser.add_argument("--no-runtime-int8", action="store_true", help="runtimes: skip the tried-not-offered int8 rows")
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import scan
 
         results["scan"] = scan.run(args.dir, docs=args.scan_docs, gcs_docs=args.scan_gcs_docs,
-                                   edit_fraction=args.scan_edit_fraction, gcs=not args.no_gcs)
+                                   edit_fraction=args.scan_edit_fraction, gcs=not args.no_gcs,
+                                   tasks=tuple(int(x) for x in args.scan_tasks.split(",") if x.strip()),
+                                   single=not args.scan_no_single)
         save()
     if "runtimes" in only:
         from benchmarks import runtimes

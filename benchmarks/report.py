@@ -117,8 +117,15 @@ def service_table(r: dict) -> str:
 
 
 def scan_table(r: dict) -> str:
+    from benchmarks.scan import sharded_table
+
     runs = r["runs"]
-    full = runs["full"]
+    full = runs.get("full")
+    if full is None:  # the single-task runs were left out (--scan-no-single): floors, sharded runs, GCS sample
+        floors = "; ".join(f"{x['label']}: {_f(x['seconds'])} s" for k in ("walk", "read") if (x := runs.get(k)))
+        gcs = "; ".join(f"{x['label']} (one task): {_f(x['seconds'])} s" for k in ("gcs_full", "gcs_unchanged")
+                        if (x := runs.get(k)))
+        return "\n".join([sharded_table(r), "", f"Floors, no store: {floors}." + (f" {gcs}." if gcs else "")])
     out = [f"**Corpus scan** (the `chunk_corpus` task, one task; `prepare` in its own process before it), "
            f"{r['docs']:,} documents, one `.txt` file each ({r['chars'][0]:,}–{r['chars'][1]:,} characters, "
            f"{r['bytes'] / 2**20:,.0f} MiB, {r['per_folder']:,} files a folder) → {full['chunks']:,} chunks "
@@ -160,6 +167,8 @@ def scan_table(r: dict) -> str:
                           f"{r['edit_fraction']:.0%} edited ≈ {v['edited_s']:,} s" for n, v in ex.items())
         notes += ["", f"**Extrapolation** (linear in the documents from the scan seconds above, not measured), one "
                       f"scan task on this machine: {cells}."]
+    if r.get("sharded"):
+        notes += ["", sharded_table(r)]
     return "\n".join(out + notes)
 
 

@@ -596,11 +596,11 @@ def _sharded_runs(uri: str, base: dict, docs: int, corpus: dict, root: Path, wor
     for key in [f"full_{n}" for n in tasks]:
         r = runs[key]
         r["speedup_vs_first"] = round(one["seconds"] / r["seconds"], 3)
-        r["x_single_task"] = round(r["seconds"] / single["full"]["seconds"], 4)
+        r["x_single_task"] = round(r["seconds"] / single["full"]["seconds"], 4) if "full" in single else None
     for key in ("unchanged", "edited"):
         r = runs[key]
         r["x_full"] = {str(n): round(r["seconds"] / runs[f"full_{n}"]["seconds"], 4) for n in tasks}
-        r["x_single_task_full"] = round(r["seconds"] / single["full"]["seconds"], 4)
+        r["x_single_task_full"] = round(r["seconds"] / single["full"]["seconds"], 4) if "full" in single else None
     # linear in the documents from the measured stages; the shard stage of the 1-task run divided by N assumes N
     # free cores for the N scan tasks (this machine has 2), list and finish are one task each whatever N
     full1 = runs[f"full_{tasks[0]}"]
@@ -657,15 +657,18 @@ def _rates(run: dict) -> None:
 
 def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs_docs: int = 2_000,
         seed: int = 0, gcs: bool = True, tasks: tuple[int, ...] = (1, 2, 4),
-        shards: int = 24) -> dict:
+        shards: int = 24, single: bool = True) -> dict:
     """The runs above; returns the results section (``runs`` keyed full / unchanged / edited / walk / read /
     gcs_full / gcs_unchanged, ratios to the full scans, and a linear extrapolation to 1 M / 10 M documents;
     ``sharded``: the sharded scan's runs with each of ``tasks`` scan tasks, see ``_sharded_runs``; none when
-    ``tasks`` is empty). ``shards``: the shard bytes
-    are the corpus's bytes over this (24 shards: work for 1, 2 and 4 tasks alike)."""
+    ``tasks`` is empty). ``shards``: the shard bytes are the corpus's bytes over this (24 shards: work for 1, 2
+    and 4 tasks alike). ``single=False`` leaves out the single-task runs (full, unchanged, edited; at 1M documents
+    they alone take an hour here): the floors, the sharded runs and the GCS sample remain."""
     if docs < 1 or not 0 < edit_fraction < 1:
         raise ValueError(f"scan benchmark: docs must be ≥ 1 (got {docs}) and edit_fraction in (0, 1) "
                          f"(got {edit_fraction})")
+    if not single and not tasks:
+        raise ValueError("scan benchmark: without the single-task runs, give at least one sharded run (tasks)")
     if any(n < 1 for n in tasks) or shards < 1:
         raise ValueError(f"scan benchmark: scan tasks must be ≥ 1 (got {list(tasks)}) and "
                          f"shards ≥ 1 (got {shards})")
@@ -681,11 +684,13 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
     _drop_schema(uri, schema)
     runs["walk"] = _measure("walk: listing + one stat per file, no store", {**base, "task": "walk"})
     runs["read"] = _measure("read every file, no store", {**base, "task": "read"})
-    runs["full"] = _scan("1. full scan, new corpus", base, "scan-1")
-    checksum = runs["full"]["model_checksum"]
-    fill = run_worker({**base, "task": "fill", "batch_id": "scan-1", "model_checksum": checksum})
-    log.info("scan: stub vectors for %d chunks in %.0f s (not timed)", fill["vectors"], fill["seconds"])
-    runs["unchanged"] = _scan("2. same corpus, unchanged", base, "scan-2")
+    fill = None
+    if single:
+        runs["full"] = _scan("1. full scan, new corpus", base, "scan-1")
+        checksum = runs["full"]["model_checksum"]
+        fill = run_worker({**base, "task": "fill", "batch_id": "scan-1", "model_checksum": checksum})
+        log.info("scan: stub vectors for %d chunks in %.0f s (not timed)", fill["vectors"], fill["seconds"])
+        runs["unchanged"] = _scan("2. same corpus, unchanged", base, "scan-2")
     marker = work / "manifest.json"
     edited = choose_edits(docs, edit_fraction, seed=seed + 1)
     sharded = None
@@ -694,11 +699,12 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
         # sharded runs see the corpus the single-task runs 1 and 2 saw
         sharded = _sharded_runs(uri, base, docs, corpus, root, work, runs, tasks=tuple(tasks),
                                 shards=shards, edited=edited, night=seed + 1)
-    corpus["edited"] = edited  # recorded before editing: a crash mid-edit is still restored next time
-    marker.write_text(json.dumps(corpus))
-    edit_documents(root, edited, night=seed + 1)
-    runs["edited"] = _scan(f"3. {len(edited):,} documents edited ({edit_fraction:.0%})", base, "scan-3")
-    runs["edited"]["edited_documents"] = len(edited)
+    if single:
+        corpus["edited"] = edited  # recorded before editing: a crash mid-edit is still restored next time
+        marker.write_text(json.dumps(corpus))
+        edit_documents(root, edited, night=seed + 1)
+        runs["edited"] = _scan(f"3. {len(edited):,} documents edited ({edit_fraction:.0%})", base, "scan-3")
+        runs["edited"]["edited_documents"] = len(edited)
     if gcs:
         n = min(gcs_docs, docs)
         gschema = f"scan_gcs_{n}"
@@ -712,20 +718,21 @@ def run(data_dir: Path, *, docs: int = 200_000, edit_fraction: float = 0.01, gcs
     for key in ("read", "full", "unchanged", "edited", "gcs_full", "gcs_unchanged"):
         if key in runs:
             _rates(runs[key])
-    full = runs["full"]
-    pairs = [("unchanged", "full"), ("edited", "full")] + ([("gcs_unchanged", "gcs_full")] if gcs else [])
+    pairs = ([("unchanged", "full"), ("edited", "full")] if single else []) + \
+        ([("gcs_unchanged", "gcs_full")] if gcs else [])
     for key, ref in pairs:
         runs[key]["x_full"] = round(runs[key]["seconds"] / runs[ref]["seconds"], 4)
         runs[key]["x_full_total"] = round(runs[key]["total_s"] / runs[ref]["total_s"], 4)
     # the scan's seconds scaled with the corpus (prepare is a constant per run, not scaled)
-    extrapolated = {str(n): {"full_s": round(n * full["seconds"] / docs),
+    extrapolated = {str(n): {"full_s": round(n * runs["full"]["seconds"] / docs),
                              "unchanged_s": round(n * runs["unchanged"]["seconds"] / docs),
                              "edited_s": round(n * runs["edited"]["seconds"] / docs)}
-                    for n in (1_000_000, 10_000_000)}
+                    for n in (1_000_000, 10_000_000)} if single else None
+    full = runs["full"] if single else sharded["runs"][f"full_{tasks[0]}"]
     return {"docs": docs, "bytes": corpus["bytes"], "per_folder": PER_FOLDER, "chars": [MIN_CHARS, MAX_CHARS],
             "edit_fraction": edit_fraction, "gcs_docs": min(gcs_docs, docs) if gcs else None,
             "chunks_per_document": round(full["chunks"] / full["documents"], 2),
-            "fill_seconds": fill["seconds"], "runs": runs, "extrapolated": extrapolated, "sharded": sharded,
+            "fill_seconds": fill["seconds"] if fill else None, "runs": runs, "extrapolated": extrapolated, "sharded": sharded,
             "load_at_start": [round(x, 2) for x in load_at_start],
             "load_at_end": [round(x, 2) for x in os.getloadavg()]}
 
@@ -747,36 +754,39 @@ def sharded_table(r: dict) -> str:
            f"{sh['shard_files']:,}; N scan-task processes take the shards round-robin, each runs its shards one "
            "after another on its own connection:", "",
            "| run | scan tasks | shards | list s | shards s | finish s | total s | documents/s | chunks/s "
-           "| × 1 task | × single-task full | files read | chunks to embed | peak RSS MiB list / shard task / finish "
+           f"| × {tasks[0]} task{'s' if tasks[0] > 1 else ''} | × single-task full | files read | chunks to embed | peak RSS MiB list / shard task / finish "
            "| CPU s | in SQL s | load before |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-    full = single["full"]
-    out.append(f"| single task (`chunk_corpus`), full, same run | 1 | – | – | – | – | {_cell(full['seconds'])} | "
-               f"{_cell(full.get('documents_per_s'), 0)} | {_cell(full.get('chunks_per_s'), 0)} | – | 100.0% | "
-               f"{_cell(full['read_files'])} | {_cell(full['pending'])} | {_cell(full['rss_mib'], 0)} (one task) | "
-               f"{_cell(full['client_cpu_s'])} | {_cell(full['statements_s'])} | {_cell(full['load_before'])} |")
+    full = single.get("full")
+    if full:
+        out.append(f"| single task (`chunk_corpus`), full, same run | 1 | – | – | – | – | {_cell(full['seconds'])} | "
+                   f"{_cell(full.get('documents_per_s'), 0)} | {_cell(full.get('chunks_per_s'), 0)} | – | 100.0% | "
+                   f"{_cell(full['read_files'])} | {_cell(full['pending'])} | {_cell(full['rss_mib'], 0)} (one task) | "
+                   f"{_cell(full['client_cpu_s'])} | {_cell(full['statements_s'])} | {_cell(full['load_before'])} |")
     for key in [f"full_{n}" for n in tasks] + [k for k in ("unchanged", "edited") if k in runs]:
         x = runs[key]
         rss = (f"{_cell(x['list_rss_mib'], 0)} / {_cell(x['shard_rss_mib'], 0) if x['shard_rss_mib'] else '–'} / "
                f"{_cell(x['finish_rss_mib'], 0)}")
         speed = f"{x['speedup_vs_first']:.2f} ×" if x.get("speedup_vs_first") else "–"
         vs_single = x.get("x_single_task", x.get("x_single_task_full"))
+        vs_single = "–" if vs_single is None else f"{vs_single:.1%}"
         out.append(f"| {x['label']} | {x['tasks']} ({x['processes']} started) | {x['shards']} | {_cell(x['list_s'])} | "
                    f"{_cell(x['shards_s'])} | {_cell(x['finish_s'])} | {_cell(x['seconds'])} | "
                    f"{_cell(x.get('documents_per_s'), 0)} | {_cell(x.get('chunks_per_s'), 0)} | {speed} | "
-                   f"{vs_single:.1%} | {_cell(x['read_files'])} | {_cell(x['pending'])} | {rss} | "
+                   f"{vs_single} | {_cell(x['read_files'])} | {_cell(x['pending'])} | {rss} | "
                    f"{_cell(x['client_cpu_s'])} | {_cell(x['statements_s'])} | {_cell(x['load_before'])} |")
     notes = []
     for key in [k for k in ("unchanged", "edited") if k in runs]:
         x = runs[key]
         ratios = ", ".join(f"{x['x_full'][str(n)]:.1%} of the {n}-task full scan" for n in tasks)
         notes.append(f"{x['label']} (list + {'shards + ' if x['shards'] else ''}finish = {x['seconds']:.2f} s): "
-                     f"{ratios}; {x['x_single_task_full']:.1%} of the single-task full scan.")
+                     f"{ratios}" + (f"; {x['x_single_task_full']:.1%} of the single-task full scan."
+                                    if x.get("x_single_task_full") is not None else "."))
     out += ["", "Ratios: " + " ".join(notes)]
     ex = sh["extrapolated"]
-    out += ["", "**Extrapolation, not measured** (linear in the documents from the 1-task sharded run's stages; "
-                "the shard stage divided by N assumes N free cores and a database that keeps up; list and finish are "
-                "one task each whatever N):", "",
+    out += ["", "**Extrapolation, not measured** (linear in the documents from the "
+                f"{tasks[0]}-task sharded run's stages; the shard stage divided by N assumes N free cores and a "
+                "database that keeps up; list and finish are one task each whatever N):", "",
             "| documents | list s | finish s | full, 1 task | full, 4 tasks | full, 16 tasks | full, 64 tasks | "
             "unchanged s | 1 % edited s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n_docs, v in ex.items():
