@@ -119,8 +119,13 @@ def _claim_stale(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, 
     if force:
         claimed = store.execute(claim + sql.SQL(" WHERE c.corpus = %s"), (batch_id, corpus)).rowcount
     else:
-        claimed = store.execute(claim + sql.SQL(" FROM claim_stale s WHERE c.id = s.id AND NOT {current} AND NOT ({keep})")
-                                .format(current=current, keep=keep), (batch_id, kept_codes)).rowcount if stale else 0
+        if stale:
+            # a chunk the scan's merge just wrote (new or changed) is claimed already: PENDING for this batch with
+            # a clean slate; rewriting it would only add a dead row version per chunk (a whole new corpus's worth)
+            store.execute(claim + sql.SQL(""" FROM claim_stale s WHERE c.id = s.id AND NOT {current} AND NOT ({keep})
+                AND (c.batch_id IS DISTINCT FROM %s OR c.embedding_status <> 'PENDING' OR c.retry_count <> 0
+                     OR c.error_code IS NOT NULL OR c.error_message IS NOT NULL)""").format(
+                current=current, keep=keep), (batch_id, kept_codes, batch_id))
         # Chunks with a current vector are READY; the merge's provisional claim on new chunks that
         # got a reused vector is dropped (this batch did not embed them).
         store.execute(sql.SQL("""UPDATE {chunks} c SET embedding_status = 'READY', error_code = NULL,
@@ -128,6 +133,10 @@ def _claim_stale(store: Store, corpus: str, batch_id: str, emb: EmbeddingStore, 
                 batch_id = CASE WHEN c.batch_id = %s THEN NULL ELSE c.batch_id END
             WHERE c.corpus = %s AND (c.embedding_status <> 'READY' OR c.batch_id = %s) AND {current}""").format(
             chunks=t("chunks"), current=current), (batch_id, corpus, batch_id))
+        # what this batch embeds: the stale chunks left PENDING for it (those that got a reused vector are READY)
+        (claimed,) = store.one(sql.SQL("""SELECT count(*) FROM claim_stale s JOIN {chunks} c ON c.id = s.id
+            WHERE c.batch_id = %s AND c.embedding_status = 'PENDING'""").format(chunks=t("chunks")),
+            (batch_id,)) if stale else (0,)
     # A vector whose chunk's text changed since it was computed is no longer the chunk's (reuse above took what
     # it could): drop it, so a chunk whose new text fails never keeps serving its old vector. Such a chunk had no
     # current vector, so it is one of the stale ones.
