@@ -130,7 +130,8 @@ def _list(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, mod
         shards = scan_store.assign_shards(store, batch_id, shard_bytes, shard_files)
         stats = scan_store.listing_stats(store, batch_id)
         batches_store.update_details(store, batch_id, {"scan": None, "scan_listing": {
-            **stats, "skipped_files": reader.stats["skipped_files"], "split_files": split, "shards": len(shards)}})
+            **stats, "skipped_files": reader.stats["skipped_files"], "split_files": split, "shards": len(shards),
+            "chunk_mark": scan_store.chunk_mark(store)}})
     return {"batch_id": batch_id, "corpus": cfg.corpus, "model_checksum": model_checksum, **stats,
             "skipped_files": reader.stats["skipped_files"], "split_files": split, "shards": shards}
 
@@ -210,7 +211,8 @@ def _finish(store: Store, cfg: ReindexConfig, batch: dict, batch_id: str, model_
         emb = get_embedding_store(store, cfg.corpus, model_checksum)
         listing = (batch.get("details") or {}).get("scan_listing") or {}
         totals = scan_store.shard_totals(store, batch_id)
-        counts = scan_store.finish(store, cfg.corpus, batch_id, signature, None if cfg.force else emb.table_name)
+        counts = scan_store.finish(store, cfg.corpus, batch_id, signature, None if cfg.force else emb.table_name,
+                                   chunk_mark=listing.get("chunk_mark"))
         if not counts["seen_documents"] and not listing.get("unchanged_files"):
             raise EmptyCorpusError(
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no document found in "

@@ -101,10 +101,16 @@ def single_task_run(store, cfg, root, batch: str, encoder) -> dict:
 def compare_stores(got: Store, want: Store, corpus: str, got_manifest: dict, want_manifest: dict) -> None:
     """Documents, chunks (with their statuses), remembered fingerprints and manifests equal; vectors of the same
     chunks and texts, equal within float rounding (encoded in other processes, in other batches)."""
-    import numpy as np
-
     assert {k: v for k, v in got_manifest.items() if k not in _RUN_ONLY} == \
         {k: v for k, v in want_manifest.items() if k not in _RUN_ONLY}
+    same_rows(got, want, corpus)
+
+
+def same_rows(got: Store, want: Store, corpus: str) -> None:
+    """Documents, chunks, fingerprints equal; vectors of the same chunks and texts, equal within float rounding
+    (the same texts batched differently)."""
+    import numpy as np
+
     a, b = _rows(got, corpus), _rows(want, corpus)
     for key in ("documents", "chunks", "files"):
         assert a[key] == b[key], key
@@ -114,11 +120,17 @@ def compare_stores(got: Store, want: Store, corpus: str, got_manifest: dict, wan
     assert va.shape == vb.shape and float(np.abs(va - vb).max()) < 1e-5
 
 
-def _run(store, cfg, root, batch: str, encoder, *, sharded: bool, shard_bytes: int = 300) -> dict:
+def _run(store, cfg, root, batch: str, encoder, *, sharded: bool, shard_bytes: int = 300,
+         reverse: bool = False) -> dict:
     prepared = pipeline.prepare(store, cfg)
     if sharded:
-        manifest = scan.sharded_scan(store, cfg, root, batch_id=batch, model_checksum=prepared["model_checksum"],
-                                     shard_bytes=shard_bytes, shard_files=3)
+        checksum = prepared["model_checksum"]
+        listed = scan.list_corpus(store, cfg, root, batch_id=batch, model_checksum=checksum,
+                                  shard_bytes=shard_bytes, shard_files=3)
+        # in reverse, every later occurrence of a duplicate id is written first and then taken over
+        for s in sorted(listed["shards"], key=lambda s: s["shard"], reverse=reverse):
+            scan.scan_shard(store, cfg, root, batch_id=batch, shard=s["shard"])
+        manifest = scan.finish_scan(store, cfg, batch_id=batch, model_checksum=checksum)
     else:
         manifest = pipeline.chunk_corpus(store, cfg, root, batch_id=batch, model_checksum=prepared["model_checksum"])
     for p in pipeline.plan(store, cfg, batch):
@@ -128,7 +140,11 @@ def _run(store, cfg, root, batch: str, encoder, *, sharded: bool, shard_bytes: i
     return manifest
 
 
-def test_sharded_scan_equals_the_single_task_scan(store, store2, tmp_path, encoder, monkeypatch):
+@pytest.mark.parametrize("reverse", [False, True], ids=["shards-in-order", "shards-in-reverse"])
+def test_sharded_scan_equals_the_single_task_scan(store, store2, tmp_path, encoder, monkeypatch, reverse):
+    """In reverse, the shard of z_late.jsonl commits before the one with j7's first occurrence, and note1.txt's
+    (three chunks) before the .jsonl line that owns the id (one chunk): the chunks written by the later occurrence
+    and deleted again are no deletion of the store's (``deleted_chunks`` as in the single-task scan)."""
     root = tmp_path / "kb"
     _initial(root)
     cfg = ReindexConfig(corpus="shard", corpus_uri=str(root), max_tokens=32, overlap_tokens=4)
@@ -136,13 +152,13 @@ def test_sharded_scan_equals_the_single_task_scan(store, store2, tmp_path, encod
 
     single = _run(store, cfg, root, "s1", encoder, sharded=False)
     opened.paths.clear()
-    sharded = _run(store2, cfg, root, "m1", encoder, sharded=True)
+    sharded = _run(store2, cfg, root, "m1", encoder, sharded=True, reverse=reverse)
     assert sharded["shards"] > 5 and sharded["split_files"] == 2  # the first .jsonl by bytes, the parquet by groups
     assert opened.paths.count("a_lines.jsonl") > 1 and opened.paths.count("rows.parquet") > 1
     assert {k: v for k, v in sharded.items() if k not in _RUN_ONLY} == \
         {k: v for k, v in single.items() if k not in _RUN_ONLY}
     assert single["duplicate_documents"] == 3  # note1.txt, the second j3, z_late's j7
-    assert _rows(store2, "shard") == _rows(store, "shard")
+    same_rows(store2, store, "shard")
     docs = {r[0]: r for r in _rows(store2, "shard")["documents"]}
     assert docs["note1.txt"][1].endswith("a_lines.jsonl") and docs["j7"][1].endswith("a_lines.jsonl")
     bad = [d for d in docs.values() if d[3] == "FAILED"]
@@ -150,30 +166,30 @@ def test_sharded_scan_equals_the_single_task_scan(store, store2, tmp_path, encod
 
     _change(root)
     single = _run(store, cfg, root, "s2", encoder, sharded=False)
-    sharded = _run(store2, cfg, root, "m2", encoder, sharded=True)
+    sharded = _run(store2, cfg, root, "m2", encoder, sharded=True, reverse=reverse)
     assert {k: v for k, v in sharded.items() if k not in _RUN_ONLY} == \
         {k: v for k, v in single.items() if k not in _RUN_ONLY}
     # note4, note5 (moved), j0-j4 and the old bad line's failure (a_lines.jsonl:26; the bad line is now line 4)
     assert sharded["deleted_documents"] == 8 and sharded["reused_by_content"] >= 1
     assert sharded["deleted_chunks"] > sharded["deleted_documents"]  # note2's orphaned chunks too
-    assert _rows(store2, "shard") == _rows(store, "shard")
+    same_rows(store2, store, "shard")
 
     # the bad line fixed (a file with a failed document is read by every scan until it has none)
     _jsonl(root / "a_lines.jsonl",
            [{"id": f"j{i}", "text": f"Line {i} about otters and rivers. " * (1 + i % 4)} for i in range(5, 46)])
     single = _run(store, cfg, root, "s3", encoder, sharded=False)
-    sharded = _run(store2, cfg, root, "m3", encoder, sharded=True)
+    sharded = _run(store2, cfg, root, "m3", encoder, sharded=True, reverse=reverse)
     assert {k: v for k, v in sharded.items() if k not in _RUN_ONLY} == \
         {k: v for k, v in single.items() if k not in _RUN_ONLY}
-    assert _rows(store2, "shard") == _rows(store, "shard")
+    same_rows(store2, store, "shard")
 
     # nothing changed: no content read at all (not even to split a large file), nothing written but the batch
     opened.paths.clear()
-    again = _run(store2, cfg, root, "m4", encoder, sharded=True)
+    again = _run(store2, cfg, root, "m4", encoder, sharded=True, reverse=reverse)
     assert opened.paths == []
     assert (again["read_files"], again["shards"], again["pending"], again["deleted_documents"]) == (0, 0, 0, 0)
     assert again["unchanged_files"] == again["files"] == 12
-    assert _rows(store2, "shard") == _rows(store, "shard")
+    same_rows(store2, store, "shard")
 
 
 def test_shard_rerun_is_idempotent_and_deletions_wait_for_every_shard(store, tmp_path):

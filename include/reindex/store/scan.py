@@ -182,11 +182,22 @@ def shard_totals(store: Store, batch_id: str) -> dict:
     return out
 
 
-def finish(store: Store, corpus: str, batch_id: str, chunking: str, vector_table: str | None) -> dict:
+def chunk_mark(store: Store) -> int:
+    """The highest chunk row id so far: a chunk of the corpus with a greater id was written by the scan that took
+    the mark (the lease keeps a corpus to one scan at a time)."""
+    return store.one(sql.SQL("SELECT coalesce(max(id), 0) FROM {}").format(store.t("chunks")))[0]
+
+
+def finish(store: Store, corpus: str, batch_id: str, chunking: str, vector_table: str | None, *,
+           chunk_mark: int | None = None) -> dict:
     """After every shard: delete what the scan did not see and what re-chunked documents no longer have, remember
     the fingerprints of the files read in full, and count. Run in the caller's transaction; with
     ``vector_table`` the vectors of the chunks deleted are kept in the transaction's ``reuse_pool`` (content
-    hash → vector) first, for the claim that follows. Raises ``StoreError`` when a shard has not finished."""
+    hash → vector) first, for the claim that follows. Raises ``StoreError`` when a shard has not finished.
+
+    ``deleted_chunks`` counts the chunks that were in the store before the scan (ids up to ``chunk_mark``, the
+    listing's ``chunk_mark``): when a later occurrence of a document id commits first, its extra chunks are
+    written and then deleted here, which a single-task scan never writes, so they are not counted."""
     t = store.t
     pending = unfinished_shards(store, batch_id)
     if pending:
@@ -225,8 +236,9 @@ def finish(store: Store, corpus: str, batch_id: str, chunking: str, vector_table
             SELECT DISTINCT ON (e.content_sha256) e.content_sha256, e.embedding
             FROM scan_dead x JOIN {emb} e ON e.chunk_pk = x.id""").format(emb=t(vector_table)))
         store.execute("CREATE INDEX ON reuse_pool (content_sha256)")
-    orphans, gone_chunks = store.one("SELECT count(*) FILTER (WHERE NOT gone), count(*) FILTER (WHERE gone) "
-                                     "FROM scan_dead")
+    orphans, gone_chunks = store.one(
+        "SELECT count(*) FILTER (WHERE NOT gone AND id <= %(m)s), count(*) FILTER (WHERE gone AND id <= %(m)s) "
+        "FROM scan_dead", {"m": chunk_mark if chunk_mark is not None else 2 ** 62})
     store.execute(sql.SQL("DELETE FROM {} c USING scan_dead x WHERE c.id = x.id").format(t("chunks")))
     deleted_docs = store.execute(sql.SQL("""DELETE FROM {documents} d USING scan_gone g
         WHERE d.corpus = %s AND d.doc_id = g.doc_id""").format(documents=t("documents")), (corpus,)).rowcount
