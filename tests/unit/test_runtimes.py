@@ -119,6 +119,81 @@ def test_openvino_fp32_equal_to_torch_and_reuses_the_onnx_export(cache, encoder,
     assert 1 - _cosines(vectors, encoder.encode(TEXTS)).min() <= 1e-5
 
 
+def test_openvino_streams_run_batches_at_once_with_the_same_vectors(cache, monkeypatch):
+    """OpenVINO runs ``REINDEX_ENCODER_STREAMS`` batches at once (an AsyncInferQueue, results put from its
+    threads): the vectors equal one stream's, a few texts are split so each stream has a batch, and an error in a
+    batch or in the tokenizing loop is raised in the caller once the batches in flight are done."""
+    pytest.importorskip("openvino")
+    import threading
+
+    from reindex.embeddings import runtimes
+    from reindex.embeddings.local import LocalEncoder
+
+    texts = [f"{t} ({i})" for i in range(12) for t in TEXTS]
+    got = {}
+    for streams in ("1", "2"):
+        cache()
+        monkeypatch.setenv("REINDEX_ENCODER_STREAMS", streams)
+        enc = LocalEncoder("default", encoder="openvino", batch_size=8)
+        got[streams] = enc.encode(texts)
+        assert enc._runtime[1].streams == int(streams)
+    np.testing.assert_allclose(got["2"], got["1"], atol=2e-6)
+    assert got["2"].shape == (len(texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(got["2"], axis=1), 1.0, atol=1e-5)
+
+    forward = enc._runtime[1]
+    seen, keys, sizes = [], [], []
+
+    def spy(key, emb):
+        seen.append(threading.get_ident())
+        sizes.append(len(emb))
+        keys.append(key)
+
+    model = enc._runtime[0]
+    feats = [(i, {k: v.numpy() for k, v in model.preprocess(TEXTS[i:i + 2]).items() if hasattr(v, "numpy")})
+             for i in range(0, 4, 2)]
+    forward.run_all(feats, spy)
+    assert sorted(keys) == [0, 2] and sizes == [2, 2]
+    assert threading.get_ident() not in seen  # put from the queue's threads
+    spied = []
+    monkeypatch.setattr(forward, "run_all", lambda items, put: (spied.extend(len(i) for i, _ in items),
+                                                                 runtimes._OpenVinoForward.run_all(forward, [], put)))
+    with pytest.raises(RuntimeError, match="returned vectors for 0 of 3 texts"):
+        enc.encode(TEXTS[:3])  # nothing was put: rows left unset are never returned as vectors
+    assert spied == [2, 1]  # 3 texts, 2 streams: batches of 2 and 1, not one batch of 3
+    monkeypatch.undo()
+
+    def broken(key, emb):
+        raise RuntimeError(f"put failed for {key}")
+
+    with pytest.raises(RuntimeError, match="put failed for"):
+        forward.run_all(feats, broken)
+
+    def items():
+        yield feats[0]
+        raise ValueError("tokenizer broke")
+
+    done = []
+    with pytest.raises(ValueError, match="tokenizer broke"):
+        forward.run_all(items(), lambda k, e: done.append(k))
+    assert done == [0]  # the batch in flight finished before the error was raised
+    np.testing.assert_allclose(forward(feats[0][1]), forward(feats[0][1]))  # the queue is usable again
+
+
+def test_encoder_streams_and_threads_are_validated(monkeypatch):
+    from reindex.embeddings import runtimes
+
+    for var, fn in (("REINDEX_ENCODER_STREAMS", runtimes._streams), ("REINDEX_ENCODER_THREADS", runtimes._threads)):
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv(var, bad)
+            with pytest.raises(ConfigError, match=f"{var}={bad!r} must be a positive integer"):
+                fn()
+    monkeypatch.setenv("REINDEX_ENCODER_STREAMS", "3")
+    assert runtimes._streams() == 3
+    monkeypatch.delenv("REINDEX_ENCODER_STREAMS")
+    assert runtimes._streams() is None
+
+
 def test_openvino_bf16_agrees_or_is_refused(cache, encoder):
     """bf16: top-10 agreement with fp32 torch ≥ 0.97 on the sample corpus's documents where the CPU has bf16;
     refused with the reason where it has not (it would store fp32 numbers under the bf16 name)."""

@@ -226,23 +226,36 @@ class LocalEncoder:
         return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
 
     def _encode_runtime(self, texts: list[str]) -> np.ndarray:
-        """Token-length-sorted batches: the model's own preprocess, then the exported runtime's forward pass."""
+        """Token-length-sorted batches: the model's own preprocess, then the exported runtime's forward pass.
+        A runtime with several streams (OpenVINO) runs that many batches at once while the next is tokenized
+        here; fewer texts than that many batches are split so every stream has some."""
         model, forward = self._runtime[:2]
         order = np.argsort(-self.token_lengths(texts), kind="stable") if self.sort_by_tokens else np.arange(len(texts))
         resolve = getattr(model, "_resolve_prompt", None)
         prompt = resolve(None, None) if resolve else None
-        truncate_dim = getattr(model, "truncate_dim", None)
-        out = np.empty((len(texts), self.spec.dim), dtype=np.float32)
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            feats = model.preprocess([texts[j] for j in idx], prompt=prompt)
-            emb = forward({k: v.numpy() for k, v in feats.items() if hasattr(v, "numpy")})
-            if truncate_dim:
-                emb = emb[..., :truncate_dim]
-            if self.normalize:
-                # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
-                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            out[idx] = emb
+        dim = self.spec.dim
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        size = max(1, min(self.batch_size, -(-len(texts) // forward.streams)))
+
+        def batches():
+            for i in range(0, len(order), size):
+                idx = order[i:i + size]
+                feats = model.preprocess([texts[j] for j in idx], prompt=prompt)
+                yield idx, {k: v.numpy() for k, v in feats.items() if hasattr(v, "numpy")}
+
+        filled: list[int] = []
+
+        def put(idx, emb: np.ndarray) -> None:
+            out[idx] = emb[..., :dim]  # truncate_dim, when the model has one
+            filled.append(len(idx))
+
+        forward.run_all(batches(), put)
+        if sum(filled) != len(texts):  # rows left unset must never be returned as vectors
+            raise RuntimeError(f"encoder={self.encoder.value} returned vectors for {sum(filled)} of {len(texts)} "
+                               "texts")
+        if self.normalize:
+            # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
     def _encode_sorted(self, texts: list[str]) -> np.ndarray:
