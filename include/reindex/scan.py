@@ -92,20 +92,25 @@ def _list(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, mod
         batches_store.create_batch(store, batch_id, cfg.corpus, backend_for(cfg).name, model_checksum,
                                    dag_run_id=dag_run_id, dag_id=dag_id)
         scan_store.reset(store, cfg.corpus, batch_id)
+        scan_store.begin_listing(store)
         position = 0
         block: list[ListedFile] = []
 
         def flush() -> None:
             nonlocal position, split
-            known = [(e.uri, e.fingerprint) for e in block if e.fingerprint is not None and e.problem is None]
-            unchanged = set() if cfg.force or not known else unchanged_files(store, cfg.corpus, known, signature)
             rows = []
             for e in block:
-                if e.uri in unchanged:
-                    rows.append((position, e, True))
-                    position += 1
-                    continue
-                parts = split_large_file(reader.path_of(e), e.rel, e.size, shard_bytes) if e.problem is None else None
+                parts = None
+                if e.problem is None and e.size > shard_bytes:
+                    # a large .jsonl/.parquet file is split only when it is to be read: ask about it alone (the rest
+                    # of the listing is matched against the remembered files at once, in close_listing)
+                    known = not cfg.force and e.fingerprint is not None and e.uri in unchanged_files(
+                        store, cfg.corpus, [(e.uri, e.fingerprint)], signature)
+                    if known:
+                        rows.append((position, e, True))
+                        position += 1
+                        continue
+                    parts = split_large_file(reader.path_of(e), e.rel, e.size, shard_bytes)
                 if parts:
                     split += 1
                     for part in parts:
@@ -115,7 +120,7 @@ def _list(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, mod
                     continue
                 rows.append((position, e, False))
                 position += 1
-            scan_store.write_listing(store, batch_id, rows)
+            scan_store.write_listing(store, rows)
             block.clear()
 
         for entry in reader.listing():
@@ -127,6 +132,7 @@ def _list(store: Store, cfg: ReindexConfig, root: CorpusPath, batch_id: str, mod
             raise EmptyCorpusError(
                 f"corpus {cfg.corpus!r} at {cfg.corpus_uri} is empty: no .txt, .md, .jsonl or .parquet document "
                 f"found ({reader.stats['skipped_files']} file(s) of other types skipped)")
+        scan_store.close_listing(store, cfg.corpus, batch_id, None if cfg.force else signature)
         shards = scan_store.assign_shards(store, batch_id, shard_bytes, shard_files)
         stats = scan_store.listing_stats(store, batch_id)
         batches_store.update_details(store, batch_id, {"scan": None, "scan_listing": {
