@@ -280,11 +280,10 @@ class Forward:
 class _OpenVinoForward(Forward):
     """A model compiled with ``PERFORMANCE_HINT=THROUGHPUT``: its threads are split into streams, each running a
     batch of its own, fed by an ``AsyncInferQueue``. The caller tokenizes the next batch while the streams run:
-    on a 2-core worker 2 streams of one thread encode ≈ 1.3 × the texts/s of one batch on both threads (the
-    ``ov_streams_probe`` benchmark), with the same vectors. One ``run_all`` at a time per compiled model."""
+    on a 2-core worker 2 streams of one thread encode ≈ 1.3 × the texts/s of one batch on both threads, with
+    the same vectors (benchmarks/README.md, "Encoder runtimes"). One ``run_all`` at a time per compiled model."""
 
     def __init__(self, ov, compiled) -> None:
-        self._ov = ov
         self._compiled = compiled
         self._wanted = [i.get_any_name() for i in compiled.inputs]
         self.streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
