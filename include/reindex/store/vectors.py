@@ -71,10 +71,11 @@ def ensure_embedding_store(store: Store, corpus: str, spec: ModelSpec, *, activa
     register_model(store, spec, config)
     ensure_corpus(store, corpus)
     store.execute(sql.SQL("""CREATE TABLE IF NOT EXISTS {emb} (
-            chunk_pk bigint PRIMARY KEY REFERENCES {chunks} (id) ON DELETE CASCADE,
+            chunk_pk bigint REFERENCES {chunks} (id) ON DELETE CASCADE,
             content_sha256 char(64) NOT NULL,
             embedding {type}({dim}) NOT NULL,
-            updated_at timestamptz NOT NULL DEFAULT now())""").format(
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (chunk_pk) INCLUDE (content_sha256))""").format(
         emb=store.t(table), chunks=store.t("chunks"), type=sql.Identifier(Storage(spec.storage).value),
         dim=sql.Literal(spec.dim)))
     store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (content_sha256)").format(
