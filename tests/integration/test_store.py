@@ -13,7 +13,7 @@ from reindex.errors import ErrorCode, StoreError
 from reindex.models import ModelSpec
 from reindex.store import batches
 from reindex.store.documents import CorpusWriter
-from reindex.store.schema import MIGRATIONS, ensure_schema, schema_version
+from reindex.store.schema import MIGRATIONS, ensure_schema, primary_key, schema_version
 from reindex.store.search import corpus_status, search
 from reindex.store.vectors import build_index, ensure_embedding_store, load_vectors, mark_failed
 
@@ -56,13 +56,6 @@ def test_schema_is_idempotent(store):
     assert ext.startswith("0.8")
 
 
-def _primary_key(store, table):
-    return store.one("""SELECT c.conname, i.indnkeyatts, i.indnatts FROM pg_constraint c
-        JOIN pg_index i ON i.indexrelid = c.conindid JOIN pg_class r ON r.oid = c.conrelid
-        JOIN pg_namespace n ON n.oid = r.relnamespace
-        WHERE n.nspname = %s AND r.relname = %s AND c.contype = 'p'""", (store.schema, table))
-
-
 def _claim_plan(store, table, corpus):
     """The plan of the claim's anti-join with sequential scans ruled out (the tables are tiny)."""
     with store.conn.transaction():
@@ -84,21 +77,21 @@ def test_claim_anti_join_reads_indexes_only_and_old_vector_tables_are_migrated(s
     rows = _chunks(store, "kb")
     pks, shas = [r[4] for r in rows], [r[3] for r in rows]
     assert load_vectors(store, emb, pks, shas, _unit(3)) == 3
-    name, keys, atts = _primary_key(store, emb.table_name)
+    name, keys, atts = primary_key(store, emb.table_name)
     assert (keys, atts) == (1, 2)  # chunk_pk, INCLUDE content_sha256
-    store.execute("VACUUM (ANALYZE) {}".format(".".join(f'"{p}"' for p in (store.schema, emb.table_name))))
-    store.execute("VACUUM (ANALYZE) {}".format(f'"{store.schema}"."chunks"'))
+    for table in (emb.table_name, "chunks"):
+        store.execute(sql.SQL("VACUUM (ANALYZE) {}").format(store.t(table)))
     plan = _claim_plan(store, emb.table_name, "kb")
     assert plan.count("Index Only Scan") == 2 and "chunks_corpus_id_idx" in plan and name in plan, plan
     # a vector table from before migration 8: a plain primary key; the migration rebuilds it, rows kept
     with store.conn.transaction():
         store.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY (chunk_pk)").format(
             store.t(emb.table_name), sql.Identifier(name), sql.Identifier(name)))
-    assert _primary_key(store, emb.table_name)[1:] == (1, 1)
+    assert primary_key(store, emb.table_name)[1:] == (1, 1)
     with store.conn.transaction():
         _v8(store)
         _v8(store)  # idempotent
-    assert _primary_key(store, emb.table_name) == (name, 1, 2)
+    assert primary_key(store, emb.table_name) == (name, 1, 2)
     assert load_vectors(store, emb, pks, shas, _unit(3, seed=4)) == 3  # ON CONFLICT (chunk_pk) through the new key
     (count,) = store.one(sql.SQL("SELECT count(*) FROM {}").format(store.t(emb.table_name)))
     assert count == 3

@@ -235,7 +235,7 @@ def _v8(store: Store) -> None:
     """Index-only anti-join for "which chunks lack a current vector" (the claim after every scan): chunks by
     ``(corpus, id)`` with their content hash, and each vector table's primary key covering its content hash.
     Both sides come in ``id`` order from indexes a fraction of the heaps' size (a merge anti-join) instead of
-    two sequential scans of the chunk texts and the vectors: 4.0 s against 1.6 s at 2.3 M chunks, measured,
+    two sequential scans of the chunk texts and the vectors: 1.6 s instead of 4.0 s at 2.3 M chunks, measured,
     once autovacuum has set the visibility map."""
     t = store.t
     store.execute(sql.SQL("CREATE INDEX IF NOT EXISTS chunks_corpus_id_idx ON {} (corpus, id) INCLUDE (content_sha256)")
@@ -244,20 +244,25 @@ def _v8(store: Store) -> None:
         cover_primary_key(store, table)
 
 
-def cover_primary_key(store: Store, table: str) -> None:
-    """Make the primary key ``(chunk_pk)`` of vector table ``table`` cover ``content_sha256`` (migration 8)."""
-    row = store.one("""SELECT c.conname, i.indnkeyatts < i.indnatts FROM pg_constraint c
+def primary_key(store: Store, table: str) -> tuple[str, int, int] | None:
+    """The primary key of ``table`` in the store's schema: (constraint name, key columns, all columns with the
+    INCLUDEd ones); None when the table is gone."""
+    return store.one("""SELECT c.conname, i.indnkeyatts, i.indnatts FROM pg_constraint c
         JOIN pg_index i ON i.indexrelid = c.conindid JOIN pg_class r ON r.oid = c.conrelid
         JOIN pg_namespace n ON n.oid = r.relnamespace
         WHERE n.nspname = %s AND r.relname = %s AND c.contype = 'p'""", (store.schema, table))
-    if row is None or row[1]:  # a dropped store's table, or covering already
+
+
+def cover_primary_key(store: Store, table: str) -> None:
+    """Make the primary key ``(chunk_pk)`` of vector table ``table`` cover ``content_sha256`` (migration 8)."""
+    key = primary_key(store, table)
+    if key is None or key[2] > key[1]:  # a dropped store's table, or covering already
         return
-    pkey = row[0]
     index = sql.Identifier(f"{table[:50]}_pkey_cov")
     store.execute(sql.SQL("CREATE UNIQUE INDEX {} ON {} (chunk_pk) INCLUDE (content_sha256)").format(
         index, store.t(table)))
     store.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
-        store.t(table), sql.Identifier(pkey), sql.Identifier(pkey), index))
+        store.t(table), sql.Identifier(key[0]), sql.Identifier(key[0]), index))
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
